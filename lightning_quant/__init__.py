@@ -1,0 +1,24 @@
+"""lightning_quant: quantization-aware training for any LightningModule, as one callback.
+
+The core (``functional``, ``quantizers``, ``layers``, ``surgery``, ``schedules``, ``config``) is plain torch; the
+callbacks are thin Lightning layers over it.
+"""
+
+from lightning_quant import schedules
+from lightning_quant.callbacks import PACTCallback, QuantizationCallback
+from lightning_quant.checkpoint import inject_from_checkpoint, load_from_checkpoint
+from lightning_quant.config import PACTConfig, QuantConfig
+from lightning_quant.surgery import QuantizationPlan, inject_quantizers
+
+__all__ = [
+    "PACTCallback",
+    "PACTConfig",
+    "QuantConfig",
+    "QuantizationCallback",
+    "QuantizationPlan",
+    "inject_from_checkpoint",
+    "inject_quantizers",
+    "load_from_checkpoint",
+    "schedules",
+]
+__version__ = "0.1.0"

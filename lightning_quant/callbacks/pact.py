@@ -1,0 +1,161 @@
+"""PACTCallback: learned-clip activation quantization (Choi et al. 2018) for any LightningModule."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.config import PACTConfig
+from lightning_quant.quantizers.pact import PACTActivation
+
+
+def _site_keys(name: str, module: PACTActivation) -> list[str]:
+    if module.num_sites == 1:
+        return [name]
+    return [f"{name}.site{i}" for i in range(module.num_sites)]
+
+
+class PACTCallback(QuantizationCallback):
+    r"""Quantization-aware training with PACT: every ``nn.ReLU``/``nn.ReLU6`` becomes ``clip(x, 0, alpha)``
+    quantized to ``act_bits`` with a learned ``alpha`` per call site, and Linear/Conv weights are DoReFa-quantized to
+    ``weight_bits``.
+
+    The model is not edited by the user: the callback swaps the modules in ``setup``, puts every alpha in one
+    optimizer group of its own, logs each clip as ``pact/alpha/<layer>`` every epoch, and stores what is needed to
+    rebuild the model in the checkpoint (:func:`lightning_quant.load_from_checkpoint`).
+
+    Example::
+
+        trainer = Trainer(callbacks=[PACTCallback(act_bits=4, weight_bits=4)])
+        trainer.fit(model)
+
+    Args:
+        act_bits: Bit width of the activations, 1..16 (paper: 2-5 bits keep accuracy).
+        weight_bits: Bit width of the weights, 1..16, or None to keep the weights float (activation-only PACT).
+        alpha_init: Initial clip of every activation. Default 10, the paper's value, paired with the L2 penalty
+            ``alpha_weight_decay`` that pulls it down to the range the data needs. ReLU6 sites start at 6.
+        alpha_lr: Learning rate of the alpha group. Larger than the usual fine-tuning lr on purpose: with a small one
+            alpha barely moves from its start and PACT is inert.
+        alpha_weight_decay: Weight decay (the paper's L2 regularisation of alpha; 2e-4 in its CIFAR runs).
+        skip: Module names or glob patterns (``"features.0"``, ``"*.downsample.*"``) left float, with what is under
+            them. A pattern that matches nothing is an error listing the modules that exist.
+        first_last: ``"float"`` (paper): the first and last weight layers keep float weights and the activation that
+            feeds the last layer stays float (the first layer's input is the model's input, never quantized).
+            ``"8bit"``: those places take 8 bits. ``"quantize"``: they take ``act_bits``/``weight_bits`` like the rest.
+            First and last follow module registration order.
+        lr_schedule: ``"follow"`` (default): the alpha group follows the user's LR scheduler in proportion
+            (``alpha_lr`` times the user's lr over their base lr), so alpha settles as the weights do.
+            ``"constant"``: the alpha group's lr stays ``alpha_lr`` whatever the scheduler does.
+        log_every_n_steps: Also log the clips every n steps (default: once per epoch).
+        plot: At the end of fitting, write ``pact_alpha.png`` (learned clip per layer beside the largest activation
+            that layer saw) into the logger's folder. Tracking the largest activation costs one reduction per
+            quantized activation per step, so it is off by default.
+        verbose: Print the quantization plan at fit start.
+
+    Raises:
+        ValueError: If an argument is out of range (bits not an int in 1..16, ``alpha_init`` or ``alpha_lr`` not
+            positive, unknown ``first_last`` or ``lr_schedule``).
+    """
+
+    log_prefix = "pact"
+    _arg_names = {"quantizer_lr": "alpha_lr", "quantizer_weight_decay": "alpha_weight_decay"}
+
+    def __init__(
+        self,
+        act_bits: int = 4,
+        weight_bits: int | None = 4,
+        alpha_init: float = 10.0,
+        alpha_lr: float = 0.01,
+        alpha_weight_decay: float = 2e-4,
+        skip: Sequence[str] = (),
+        first_last: str = "float",
+        lr_schedule: str = "follow",
+        log_every_n_steps: int | None = None,
+        plot: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        config = PACTConfig(
+            act_bits=act_bits, weight_bits=weight_bits, alpha_init=alpha_init, first_last=first_last, skip=tuple(skip)
+        )
+        super().__init__(
+            config,
+            quantizer_lr=alpha_lr,
+            quantizer_weight_decay=alpha_weight_decay,
+            lr_schedule=lr_schedule,
+            log_every_n_steps=log_every_n_steps,
+            verbose=verbose,
+        )
+        self.plot = plot
+        self._max_seen: dict[str, Tensor] = {}
+        self._hooks: list[Any] = []
+
+    @override
+    def learned_values(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        values = {}
+        for name, module in pl_module.named_modules():
+            if isinstance(module, PACTActivation):
+                for key, alpha in zip(_site_keys(name, module), module.alpha.detach()):
+                    values[f"alpha/{key}"] = alpha
+        return values
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.plot:
+            self._max_seen = {}
+            for name, module in pl_module.named_modules():
+                if isinstance(module, PACTActivation):
+                    self._hooks.append(module.register_forward_pre_hook(self._track_max(name)))
+
+    def _track_max(self, name: str):
+        def hook(module: PACTActivation, args: tuple) -> None:
+            if not module.training:
+                return
+            site = module._next_site if module.num_sites > 1 else 0
+            key = _site_keys(name, module)[site]
+            peak = args[0].detach().amax().float()
+            previous = self._max_seen.get(key)
+            self._max_seen[key] = peak if previous is None else torch.maximum(previous, peak)
+
+        return hook
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.plot:
+            folder = trainer.log_dir or trainer.default_root_dir
+            self.save_plot(pl_module, os.path.join(folder, "pact_alpha.png"))
+
+    @rank_zero_only
+    def save_plot(self, pl_module: pl.LightningModule, path: str) -> None:
+        """Bar chart of the learned clip per layer beside the largest activation each layer saw in training."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        alphas = {k.removeprefix("alpha/"): float(v) for k, v in self.learned_values(pl_module).items()}
+        names = list(alphas)
+        peaks = [float(self._max_seen[n]) if n in self._max_seen else float("nan") for n in names]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 4))
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], peaks, width=0.4, label="largest activation seen")
+        ax.bar([x + 0.2 for x in xs], [alphas[n] for n in names], width=0.4, label="learned clip alpha")
+        ax.set_xticks(list(xs), names, rotation=45, ha="right")
+        ax.set_ylabel("value")
+        ax.set_title(f"PACT: learned clip per layer ({type(pl_module).__name__}, {self.config.act_bits}-bit)")
+        ax.legend()
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)

@@ -1,0 +1,115 @@
+"""Recipes: what to quantize and how, as small dataclasses that round-trip through plain dicts.
+
+A config says which module types it replaces and builds the quantizer for one place of the model. The surgery
+(:mod:`lightning_quant.surgery`) decides *where* (skip patterns, first/last-layer policy, call sites) and is shared by
+every method. ``to_dict``/``config_from_dict`` store a recipe in a checkpoint that torch loads with
+``weights_only=True`` and rebuild it in :func:`lightning_quant.load_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer, check_bits, check_positive
+from lightning_quant.quantizers.pact import DoReFaWeight, PACTActivation
+
+#: Allowed values of ``first_last``: what happens to the first and last weight layers (and the activation that feeds
+#: the last layer). ``"float"`` is the PACT paper's choice; ``"8bit"`` the common later compromise.
+FIRST_LAST_POLICIES = ("float", "8bit", "quantize")
+
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base recipe. Subclasses set ``method`` and override the two ``make_*`` factories.
+
+    Args:
+        act_bits: Bit width of quantized activations, or None to leave activations float.
+        weight_bits: Bit width of quantized weights, or None to leave weights float.
+        first_last: ``"float"``, ``"8bit"`` or ``"quantize"``; see :data:`FIRST_LAST_POLICIES`.
+        skip: Module names or glob patterns (``fnmatch``) left alone, with everything under them.
+    """
+
+    method: ClassVar[str] = ""
+    act_bits: int | None = 4
+    weight_bits: int | None = 4
+    first_last: str = "float"
+    skip: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        check_bits(self.act_bits, "act_bits", allow_none=True)
+        check_bits(self.weight_bits, "weight_bits", allow_none=True)
+        if self.first_last not in FIRST_LAST_POLICIES:
+            raise ValueError(f"`first_last` must be one of {FIRST_LAST_POLICIES}, got {self.first_last!r}.")
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        if not all(isinstance(s, str) and s for s in skip):
+            raise ValueError(f"`skip` must be a list of non-empty module names or glob patterns, got {self.skip!r}.")
+        object.__setattr__(self, "skip", skip)
+
+    activation_types: ClassVar[tuple[type[nn.Module], ...]] = ACTIVATION_TYPES
+    weight_types: ClassVar[tuple[type[nn.Module], ...]] = WEIGHT_TYPES
+
+    def make_activation(self, original: nn.Module, num_sites: int, bits: int) -> ActivationQuantizer:
+        raise NotImplementedError
+
+    def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["skip"] = list(self.skip)
+        return {"method": self.method, **data}
+
+
+@dataclass(frozen=True)
+class PACTConfig(QuantConfig):
+    """PACT recipe: learned-clip activations (:class:`PACTActivation`) and DoReFa weights.
+
+    Args:
+        alpha_init: Initial clip of every activation (paper: 10). ``nn.ReLU6`` sites start at ``min(alpha_init, 6)``.
+    """
+
+    method: ClassVar[str] = "pact"
+    alpha_init: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_bits(self.act_bits, "act_bits")  # PACT is about activations: they are always quantized
+        super().__post_init__()
+        check_positive(self.alpha_init, "alpha_init")
+
+    def make_activation(self, original: nn.Module, num_sites: int, bits: int) -> ActivationQuantizer:
+        alpha = min(self.alpha_init, 6.0) if isinstance(original, nn.ReLU6) else self.alpha_init
+        return PACTActivation(bits, num_sites=num_sites, alpha_init=alpha)
+
+    def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
+        return DoReFaWeight(bits)
+
+
+_CONFIGS: dict[str, type[QuantConfig]] = {"pact": PACTConfig}
+
+
+def register_config(cls: type[QuantConfig]) -> type[QuantConfig]:
+    """Make a config class rebuildable from a checkpoint by its ``method`` name."""
+    _CONFIGS[cls.method] = cls
+    return cls
+
+
+def config_from_dict(data: dict[str, Any]) -> QuantConfig:
+    """Rebuild a recipe from :meth:`QuantConfig.to_dict`'s output.
+
+    Raises:
+        ValueError: If the method is unknown.
+    """
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in _CONFIGS:
+        raise ValueError(f"Unknown quantization method {method!r}; known: {sorted(_CONFIGS)}.")
+    cls = _CONFIGS[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: (tuple(v) if k == "skip" else v) for k, v in data.items() if k in known})

@@ -1,0 +1,111 @@
+"""The two kinds of fake quantizer the surgery knows how to place.
+
+An :class:`ActivationQuantizer` takes the place of an activation module (``nn.ReLU``, ``nn.ReLU6``). One module
+instance may be called at several places of its parent's ``forward`` (the ResNet ``self.relu`` pattern); each call
+site sees a different range, so the quantizer keeps one set of learned values per site and picks the site by the
+order of calls. The parent resets that counter through a forward pre-hook (:class:`ResetCallSites`), so nothing in
+the user's ``forward`` is patched.
+
+A :class:`WeightQuantizer` maps a layer's weight tensor to its fake-quantized value; the layer wrappers in
+:mod:`lightning_quant.layers` call it on every forward and keep the user's own ``weight`` Parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class ActivationQuantizer(nn.Module):
+    """Base class of the modules that replace an activation at ``num_sites`` call sites.
+
+    Subclasses implement :meth:`quantize`, which receives the call-site index.
+
+    Args:
+        num_sites: How many places of the parent's code call this module. Must be at least 1.
+
+    Raises:
+        ValueError: If ``num_sites`` is not a positive int.
+    """
+
+    def __init__(self, num_sites: int = 1) -> None:
+        super().__init__()
+        if not isinstance(num_sites, int) or isinstance(num_sites, bool) or num_sites < 1:
+            raise ValueError(f"`num_sites` must be an int >= 1, got {num_sites!r}.")
+        self.num_sites = num_sites
+        # A plain int, not a buffer: it is bookkeeping for the current forward, never state worth saving.
+        self._next_site = 0
+
+    def reset_sites(self) -> None:
+        """Start counting call sites from the first one again (called before each parent forward)."""
+        self._next_site = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.num_sites == 1:
+            # The common case touches no Python state, so `torch.compile` sees a pure function.
+            return self.quantize(x, 0)
+        site = self._next_site
+        # Wrapping (instead of raising) keeps a loop over one call site on that site's values.
+        self._next_site = (site + 1) % self.num_sites
+        return self.quantize(x, site)
+
+    def quantize(self, x: Tensor, site: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"num_sites={self.num_sites}"
+
+
+class WeightQuantizer(nn.Module):
+    """Base class of the modules that map a layer's weight to its fake-quantized value."""
+
+    def forward(self, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ResetCallSites:
+    """Forward pre-hook for a parent module: resets the call-site counters of its activation quantizers.
+
+    A small class instead of a closure so that the hooked model still pickles (``ddp_spawn``, ``copy.deepcopy``).
+
+    Args:
+        child_names: Attribute names of the parent's children that are multi-site activation quantizers.
+    """
+
+    def __init__(self, child_names: Sequence[str]) -> None:
+        self.child_names = tuple(child_names)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        for name in self.child_names:
+            child = getattr(module, name, None)
+            if isinstance(child, ActivationQuantizer):
+                child.reset_sites()
+
+
+def check_bits(bits: object, name: str, allow_none: bool = False) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``bits`` is an int in 1..16 (or None when allowed).
+
+    Raises:
+        ValueError: If ``bits`` is not allowed.
+    """
+    if bits is None and allow_none:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        allowed = "an int in 1..16" + (" or None (keep float)" if allow_none else "")
+        raise ValueError(f"`{name}` must be {allowed}, got {bits!r}.")
+
+
+def check_positive(value: object, name: str, allow_zero: bool = False) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite positive (or non-negative) number.
+
+    Raises:
+        ValueError: If ``value`` is not allowed.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and torch.isfinite(torch.tensor(value))
+    if ok:
+        ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        allowed = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")

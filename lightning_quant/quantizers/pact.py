@@ -1,0 +1,64 @@
+"""PACT modules: the learned-clip activation and the DoReFa weight quantizer of the PACT paper."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quant.functional.dorefa import dorefa_quantize_weight
+from lightning_quant.functional.pact import pact_quantize
+from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer, check_bits, check_positive
+
+#: The clip is kept away from zero: at ``alpha <= 0`` the quantization step ``alpha / (2**k - 1)`` is meaningless.
+MIN_ALPHA = 1e-3
+
+
+class PACTActivation(ActivationQuantizer):
+    """Replaces ``nn.ReLU`` / ``nn.ReLU6``: ``clip(x, 0, alpha)`` quantized to ``bits``, one learned alpha per site.
+
+    Args:
+        bits: Bit width of the output, 1..16.
+        num_sites: Number of call sites this module serves; each gets its own alpha (per-tensor, as in the paper).
+        alpha_init: Initial clip. The paper starts at 10 and lets the L2 penalty on alpha pull it down.
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+
+    def __init__(self, bits: int, num_sites: int = 1, alpha_init: float = 10.0) -> None:
+        super().__init__(num_sites)
+        check_bits(bits, "bits")
+        check_positive(alpha_init, "alpha_init")
+        self.bits = bits
+        self.alpha = nn.Parameter(torch.full((num_sites,), float(alpha_init)))
+
+    def quantize(self, x: Tensor, site: int) -> Tensor:
+        return pact_quantize(x, self.alpha[site].clamp_min(MIN_ALPHA), self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, num_sites={self.num_sites}"
+
+
+class DoReFaWeight(WeightQuantizer):
+    """DoReFa ``bits``-bit weight quantizer (no learned values).
+
+    Args:
+        bits: Bit width, 1..16.
+
+    Raises:
+        ValueError: If ``bits`` is out of range.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        check_bits(bits, "bits")
+        self.bits = bits
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return dorefa_quantize_weight(weight, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+__all__ = ["MIN_ALPHA", "DoReFaWeight", "PACTActivation"]

@@ -1,0 +1,338 @@
+"""Module surgery: find what to quantize, swap it in place, and describe what was done.
+
+:func:`inject_quantizers` is the plain-torch entry point the callbacks use too. It
+
+* replaces every ``nn.ReLU`` / ``nn.ReLU6`` *slot* (an attribute or container entry of a parent) by an
+  :class:`~lightning_quant.quantizers.base.ActivationQuantizer` with one set of learned values per *call site*: the
+  number of places the parent's class calls ``self.<name>(...)``, read from its source with :mod:`ast` (no tracing, so
+  control flow in ``forward`` is fine). Container entries (``nn.Sequential``) are one site each, and a module
+  instance that sits in two slots gets two quantizers;
+* swaps every ``nn.Linear`` / ``nn.Conv*d`` (exact types) for its twin in :mod:`lightning_quant.layers`, which keeps
+  the user's ``weight``/``bias`` Parameter objects, so parameter names and references stay valid;
+* leaves alone what ``skip`` names, and applies the first/last-layer policy in module registration order;
+* warns, naming the class and line, about functional activations (``F.relu``) that can not be swapped.
+
+The model remembers its recipe (a plain dict in ``model._lightning_quant``), which makes injection idempotent.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import inspect
+import textwrap
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lightning_quant.config import QuantConfig
+from lightning_quant.layers import QUANTIZED_LAYERS, QUANTIZED_TWINS, swap_layer
+from lightning_quant.quantizers.base import ActivationQuantizer, ResetCallSites
+
+RECIPE_ATTR = "_lightning_quant"
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_FUNCTIONAL_ACTIVATIONS = {"relu", "relu_", "relu6"}
+
+
+@dataclass
+class PlanEntry:
+    """What the surgery did at one place of the model.
+
+    Args:
+        name: Dotted module name.
+        kind: ``"activation"`` or ``"weight"``.
+        bits: Bit width, or None when the place stays float.
+        sites: Number of call sites (activations only).
+        quantizer: Class name of the quantizer placed there, or ``""``.
+        reason: Why the place stays float or takes other bits (``"first layer"``, ``"skip"``...), or ``""``.
+    """
+
+    name: str
+    kind: str
+    bits: int | None
+    sites: int = 1
+    quantizer: str = ""
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class QuantizationPlan:
+    """Every place considered, in module registration order, plus the warnings raised on the way."""
+
+    entries: list[PlanEntry] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.bits is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": [e.to_dict() for e in self.entries], "warnings": list(self.warnings)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationPlan:
+        return cls([PlanEntry(**e) for e in data["entries"]], list(data.get("warnings", [])))
+
+    def structure(self) -> list[tuple]:
+        """What decides the model's parameter layout (used to check a checkpoint against a model)."""
+        return [(e.name, e.kind, e.bits is not None, e.sites) for e in self.entries]
+
+    def format(self, title: str = "lightning_quant plan") -> str:
+        """A table: one row per place, in registration order, saying what it is quantized to and why."""
+        rows = [("module", "what", "bits", "quantizer", "note")]
+        for e in self.entries:
+            what = "weight" if e.kind == "weight" else f"output ({e.sites} site{'s' if e.sites > 1 else ''})"
+            rows.append((e.name, what, "float" if e.bits is None else str(e.bits), e.quantizer, e.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [title] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append(
+            "  (an activation's output is the input of the layers registered after it; the model's own input and"
+            " functional activations stay float)"
+        )
+        return "\n".join(lines)
+
+
+def _slots(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """Every (full name, parent, attribute, child) in registration order, shared children once per slot."""
+    slots = []
+    seen_parents: set[int] = set()
+
+    def walk(prefix: str, parent: nn.Module) -> None:
+        if id(parent) in seen_parents:
+            return
+        seen_parents.add(id(parent))
+        for attr, child in parent._modules.items():
+            if child is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            slots.append((name, parent, attr, child))
+            walk(name, child)
+
+    walk("", model)
+    return slots
+
+
+def _class_sources(cls: type) -> list[tuple[type, ast.AST]]:
+    """Parsed source of ``cls`` and of its user-defined bases (torch's own classes are skipped)."""
+    trees = []
+    for klass in cls.__mro__:
+        module = getattr(klass, "__module__", "") or ""
+        if klass in (nn.Module, object) or module.startswith(("torch.", "lightning.", "pytorch_lightning.")):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+            trees.append((klass, ast.parse(source)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            continue
+    return trees
+
+
+def _methods(tree: ast.AST) -> list[tuple[str, ast.AST]]:
+    """``(name of the first argument, function node)`` for each method of the parsed class."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.args.args:
+                    out.append((item.args.args[0].arg, item))
+            break
+    return out
+
+
+def _calls_on_self(function: ast.AST, self_name: str) -> list[ast.Call]:
+    return [
+        node
+        for node in ast.walk(function)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == self_name
+    ]
+
+
+def count_call_sites(parent: nn.Module, attr: str) -> int | None:
+    """How many places of ``parent``'s class call ``self.<attr>(...)``; None when its source can not be read.
+
+    Every method of the class counts (torchvision's ResNet calls its activations from ``_forward_impl``). A loop
+    over one such call is one site: the same line sees the same kind of values.
+    """
+    for _, tree in _class_sources(type(parent)):
+        count = sum(
+            1
+            for self_name, method in _methods(tree)
+            for call in _calls_on_self(method, self_name)
+            if call.func.attr == attr
+        )
+        if count:
+            return count
+    return None
+
+
+def find_functional_activations(model: nn.Module) -> list[str]:
+    """Describe every ``F.relu(...)``-style call in the model's classes: those activations can not be swapped."""
+    found = []
+    seen: set[type] = set()
+    for module in model.modules():
+        if type(module) in seen:
+            continue
+        seen.add(type(module))
+        for klass, tree in _class_sources(type(module)):
+            for self_name, method in _methods(tree):
+                module_calls = {id(c) for c in _calls_on_self(method, self_name)}
+                for node in ast.walk(method):
+                    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                        continue
+                    if node.func.attr not in _FUNCTIONAL_ACTIVATIONS or id(node) in module_calls:
+                        continue
+                    call = ast.unparse(node.func)
+                    found.append(f"{klass.__qualname__}.{method.name} calls `{call}(...)`")
+    return found
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or name == pattern
+
+
+def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(_matches(prefix, p) for p in patterns for prefix in prefixes)
+
+
+def _check_skip(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(_matches(n, pattern) for n in names):
+            shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
+            raise ValueError(
+                f"`skip` pattern {pattern!r} matches no module of {type(model).__name__}; modules: {shown}."
+            )
+
+
+def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) -> QuantizationPlan:
+    """Swap quantizers into ``model`` in place, as ``config`` says; calling it again is a no-op.
+
+    Call it before an optimizer is built over ``model.parameters()`` (the callbacks call it in ``setup``), so the new
+    parameters (PACT's alpha) are seen by the optimizer, DDP and checkpoints.
+
+    Args:
+        model: Any ``nn.Module``; its own Parameters are kept (same objects, same names).
+        config: The recipe, e.g. ``PACTConfig(act_bits=4, weight_bits=4)``.
+        warn: Emit the plan's warnings with :func:`warnings.warn` (the callbacks emit them on rank zero instead).
+
+    Returns:
+        The plan: every place considered, with its bits, call sites and the reason when it stays float.
+
+    Raises:
+        ValueError: If ``model`` was injected with another recipe, a ``skip`` pattern matches nothing, or nothing is
+            left to quantize.
+    """
+    recipe = config.to_dict()
+    existing = getattr(model, RECIPE_ATTR, None)
+    if existing is not None:
+        if existing["config"] != recipe:
+            raise ValueError(
+                f"{type(model).__name__} already holds quantizers of recipe {existing['config']}; it can not take"
+                f" {recipe} as well. Build a fresh model for another recipe."
+            )
+        return QuantizationPlan.from_dict(existing["plan"])
+
+    _check_skip(model, config.skip)
+    slots = _slots(model)
+    weight_slots = [s for s in slots if type(s[3]) in config.weight_types and type(s[3]) in QUANTIZED_TWINS]
+    weight_names = [s[0] for s in weight_slots]
+    first_weight = weight_names[0] if weight_names else None
+    last_weight = weight_names[-1] if weight_names else None
+    order = {name: i for i, (name, *_rest) in enumerate(slots)}
+    # Activations registered after the second-to-last weight layer feed the last layer (registration order).
+    last_input_from = order[weight_names[-2]] if len(weight_names) >= 2 else -1
+    first_order = order[first_weight] if first_weight else -1
+
+    def policy_bits(bits: int | None, edge: str) -> tuple[int | None, str]:
+        if bits is None or not edge or config.first_last == "quantize":
+            return bits, ""
+        if config.first_last == "8bit":
+            return max(bits, 8), edge
+        return None, edge
+
+    plan = QuantizationPlan()
+    twins: dict[int, nn.Module] = {}
+    reset_hooks: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, parent, attr, child in slots:
+        if isinstance(child, config.activation_types) and type(child) in config.activation_types:
+            if isinstance(parent, ActivationQuantizer):
+                continue
+            if _skipped(name, config.skip):
+                plan.entries.append(PlanEntry(name, "activation", None, reason="skip"))
+                continue
+            sites = 1 if isinstance(parent, _CONTAINERS) else (count_call_sites(parent, attr) or 1)
+            edge = ""
+            if order[name] > last_input_from >= 0:
+                edge = "feeds the last layer"
+            elif order[name] < first_order:
+                edge = "before the first layer"
+            bits, reason = policy_bits(config.act_bits, edge)
+            if bits is None:
+                plan.entries.append(PlanEntry(name, "activation", None, sites, reason=reason or "act_bits=None"))
+                continue
+            quantizer = config.make_activation(child, sites, bits)
+            setattr(parent, attr, quantizer)
+            plan.entries.append(PlanEntry(name, "activation", bits, sites, type(quantizer).__name__, reason))
+            if sites > 1:
+                reset_hooks.setdefault(id(parent), (parent, []))[1].append(attr)
+        elif type(child) in config.weight_types and type(child) in QUANTIZED_TWINS:
+            if _skipped(name, config.skip):
+                plan.entries.append(PlanEntry(name, "weight", None, reason="skip"))
+                continue
+            edge = "first layer" if name == first_weight else "last layer" if name == last_weight else ""
+            bits, reason = policy_bits(config.weight_bits, edge)
+            if bits is None:
+                plan.entries.append(PlanEntry(name, "weight", None, reason=reason or "weight_bits=None"))
+                continue
+            if id(child) not in twins:  # a layer shared by two slots stays one layer
+                twins[id(child)] = swap_layer(child, config.make_weight(child, name, bits))
+            twin = twins[id(child)]
+            setattr(parent, attr, twin)
+            plan.entries.append(PlanEntry(name, "weight", bits, 1, type(twin.weight_quantizer).__name__, reason))
+        elif isinstance(child, QUANTIZED_LAYERS) or isinstance(child, ActivationQuantizer):
+            raise ValueError(f"{name} already holds a quantizer but {type(model).__name__} carries no recipe.")
+
+    for parent, attrs in reset_hooks.values():
+        parent.register_forward_pre_hook(ResetCallSites(attrs))
+
+    plan.warnings.extend(
+        f"{type(model).__name__}: {where}; functional activations can not be swapped and stay float. Use"
+        " nn.ReLU / nn.ReLU6 modules to quantize them."
+        for where in find_functional_activations(model)
+    )
+    if not plan.quantized:
+        kinds = ", ".join(t.__name__ for t in (*config.activation_types, *config.weight_types))
+        raise ValueError(
+            f"Nothing to quantize in {type(model).__name__}: no {kinds} module is left after `skip`={list(config.skip)}"
+            f", act_bits={config.act_bits}, weight_bits={config.weight_bits}, first_last={config.first_last!r}."
+        )
+    if warn:
+        for message in plan.warnings:
+            warnings.warn(message, UserWarning, stacklevel=2)
+    object.__setattr__(model, RECIPE_ATTR, {"config": recipe, "plan": plan.to_dict()})
+    return plan
+
+
+def injected_recipe(model: nn.Module) -> dict[str, Any] | None:
+    """The ``{"config": ..., "plan": ...}`` dict of an injected model, or None."""
+    return getattr(model, RECIPE_ATTR, None)
+
+
+def activation_quantizers(model: nn.Module) -> list[tuple[str, ActivationQuantizer]]:
+    """``(name, module)`` of every activation quantizer, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
+
+
+def weight_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(layer name, weight quantizer)`` of every quantized layer, in registration order."""
+    return [(n, m.weight_quantizer) for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]

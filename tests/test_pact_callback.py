@@ -1,0 +1,381 @@
+"""PACTCallback in real Trainer runs on CPU: optimizer group, schedulers, checkpoints, logging, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_quant
+from lightning_quant import PACTCallback, load_from_checkpoint
+from lightning_quant.optim import GROUP_NAME
+from lightning_quant.quantizers.pact import PACTActivation
+
+
+def _data(n: int = 96, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return TensorDataset(x, y)
+
+
+class Net(L.LightningModule):
+    """Three Linear layers with nn.ReLU modules: PACT has two activation sites and three weight layers."""
+
+    def __init__(self, hidden: int = 16, optimizer: str = "adam", scheduler: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.fc1 = nn.Linear(8, hidden)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        kind = self.hparams.scheduler
+        if kind is None:
+            return opt
+        if kind == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        elif kind == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+        elif kind == "lambda":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch))
+        elif kind == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4 * 6)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        elif kind == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=10.0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train_loss"}}
+        else:
+            raise ValueError(kind)
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+    def train_dataloader(self):
+        return DataLoader(_data(), batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(_data(32, seed=1), batch_size=16)
+
+
+def _trainer(tmp_path: Path, callbacks, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def _alphas(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.alpha.detach().clone() for n, m in model.named_modules() if isinstance(m, PACTActivation)}
+
+
+def test_alphas_get_one_group_of_their_own_and_user_groups_are_untouched(tmp_path):
+    torch.manual_seed(0)
+    model = Net(optimizer="sgd")
+    user_params = [p for p in model.parameters()]
+    cb = PACTCallback(act_bits=4, weight_bits=4, first_last="quantize", alpha_init=3.0, alpha_lr=0.02)
+    trainer = _trainer(tmp_path, [cb])
+    trainer.fit(model)
+
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2
+    user, alpha = groups
+    assert [id(p) for p in user["params"]] == [id(p) for p in user_params]  # same objects, same order
+    assert (user["lr"], user["momentum"], user["weight_decay"]) == (0.05, 0.9, 1e-4)
+    alphas = [m.alpha for m in model.modules() if isinstance(m, PACTActivation)]
+    assert [id(p) for p in alpha["params"]] == [id(p) for p in alphas]
+    assert (alpha["lr"], alpha["weight_decay"], alpha["name"]) == (0.02, 2e-4, GROUP_NAME)
+    assert alpha["momentum"] == 0.9  # other hyper-parameters come from the optimizer's defaults
+    for a in alphas:
+        assert not torch.allclose(a, torch.full_like(a, 3.0)), "alpha never moved: it is not being trained"
+
+
+def test_user_reference_to_weight_stays_valid(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    w = model.fc2.weight
+    before = w.detach().clone()
+    keys = set(model.state_dict())
+    _trainer(tmp_path, [PACTCallback(first_last="quantize")]).fit(model)
+    assert model.fc2.weight is w
+    assert not torch.equal(w.detach(), before)  # the optimizer trained the user's own Parameter
+    assert keys <= set(model.state_dict())
+    assert set(model.state_dict()) - keys == {"relu1.alpha", "relu2.alpha"}
+
+
+SCHEDULERS = ["step", "cosine", "lambda", "onecycle", "plateau"]
+
+
+class RecordLRs(L.Callback):
+    """Records (user lr, quantizer group lr) at every optimizer step: the values that were really used."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[-1]["lr"]))
+
+
+@pytest.mark.parametrize("mode", ["follow", "constant"])
+@pytest.mark.parametrize("kind", SCHEDULERS)
+def test_alpha_group_under_user_scheduler(tmp_path, kind, mode):
+    torch.manual_seed(0)
+    model = Net(optimizer="sgd", scheduler=kind)
+    alpha_lr = 0.2
+    record = RecordLRs()
+    cb = PACTCallback(first_last="quantize", alpha_lr=alpha_lr, lr_schedule=mode)
+    trainer = _trainer(tmp_path, [cb, record], max_epochs=4)
+    trainer.fit(model)
+    assert len(trainer.optimizers[0].param_groups) == 2
+    user_base = 0.05 / 25 if kind == "onecycle" else 0.05  # OneCycleLR's base lr is max_lr / div_factor
+    assert len(record.seen) == 4 * 6
+    assert len({user for user, _ in record.seen}) > 1, "the scheduler never changed the user's lr: nothing tested"
+    for user_lr, group_lr in record.seen:
+        expected = alpha_lr * user_lr / user_base if mode == "follow" else alpha_lr
+        assert group_lr == pytest.approx(expected, rel=1e-6)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    if hasattr(scheduler, "base_lrs"):
+        assert len(scheduler.base_lrs) == 2
+
+
+def test_manual_optimization_and_two_optimizers(tmp_path):
+    class TwoOptimizers(Net):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt_a, opt_b = self.optimizers()
+            loss = F.cross_entropy(self(x), y)
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            self.manual_backward(loss)
+            opt_a.step()
+            opt_b.step()
+
+        def configure_optimizers(self):
+            head = list(self.fc3.parameters())
+            body = [p for p in self.parameters() if all(p is not q for q in head)]
+            return torch.optim.Adam(body, lr=1e-2), torch.optim.SGD(head, lr=0.1)
+
+    torch.manual_seed(0)
+    model = TwoOptimizers()
+    before = _alphas(model) if _alphas(model) else None
+    assert before is None  # not injected before fit
+    trainer = _trainer(tmp_path, [PACTCallback(first_last="quantize", alpha_init=2.0)])
+    trainer.fit(model)
+    body_opt, head_opt = trainer.optimizers
+    assert len(body_opt.param_groups) == 2 and body_opt.param_groups[1]["name"] == GROUP_NAME
+    assert len(head_opt.param_groups) == 1
+    for alpha in _alphas(model).values():
+        assert not torch.equal(alpha, torch.full_like(alpha, 2.0))
+
+
+def test_alphas_spread_over_two_optimizers_is_an_error(tmp_path):
+    class Spread(Net):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2), torch.optim.SGD([self.relu1.alpha], lr=0.1)
+
+        def training_step(self, batch, batch_idx, *args):
+            return super().training_step(batch, batch_idx)
+
+    model = Spread()
+    model.automatic_optimization = False
+    with pytest.raises(ValueError, match="spread over optimizers"):
+        _trainer(tmp_path, [PACTCallback(first_last="quantize")]).fit(model)
+
+
+def test_resume_restores_alphas_optimizer_and_callback_state_exactly(tmp_path):
+    def run(max_epochs, ckpt_path=None, root="a"):
+        torch.manual_seed(0)
+        model = Net(scheduler="step")
+        cb = PACTCallback(act_bits=3, weight_bits=3, first_last="quantize", alpha_init=2.0)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, save_top_k=-1, every_n_epochs=1)
+        trainer = _trainer(tmp_path / root, [cb, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model, trainer
+
+    full, full_trainer = run(3, root="full")
+    _, first = run(2, root="part")
+    ckpt_path = tmp_path / "part" / "last.ckpt"
+    saved = torch.load(ckpt_path, weights_only=True)  # plain values only: torch's safe loader accepts it
+    assert saved["lightning_quant"]["config"]["act_bits"] == 3
+    resumed, resumed_trainer = run(3, ckpt_path=str(ckpt_path), root="part")
+
+    for name, alpha in _alphas(full).items():
+        assert torch.equal(alpha, _alphas(resumed)[name]), name
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    full_state = full_trainer.optimizers[0].state_dict()
+    resumed_state = resumed_trainer.optimizers[0].state_dict()
+    assert full_state["param_groups"][1]["name"] == GROUP_NAME
+    for key, state in full_state["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed_state["state"][key][field])), field
+
+
+def test_resume_with_other_bits_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(tmp_path, [PACTCallback(act_bits=4), ckpt], max_epochs=1, enable_checkpointing=True).fit(Net())
+    model = Net()
+    with pytest.raises(ValueError, match=r"another quantization recipe \(act_bits: checkpoint 4 vs callback 2\)"):
+        _trainer(tmp_path, [PACTCallback(act_bits=2)], max_epochs=2).fit(model, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_load_from_checkpoint_rebuilds_the_trained_model(tmp_path):
+    torch.manual_seed(0)
+    model = Net(hidden=12)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(tmp_path, [PACTCallback(act_bits=2, weight_bits=3, alpha_init=1.5), ckpt], enable_checkpointing=True).fit(
+        model
+    )
+    loaded = load_from_checkpoint(Net, tmp_path / "last.ckpt")
+    assert loaded.hparams.hidden == 12 and not loaded.training
+    x = torch.randn(20, 8)
+    model.eval()
+    assert torch.equal(loaded(x), model(x))
+    assert _alphas(loaded).keys() == _alphas(model).keys()
+
+    with pytest.raises(KeyError, match="no 'lightning_quant' entry"):
+        plain = tmp_path / "plain.ckpt"
+        torch.save({"state_dict": Net().state_dict()}, plain)
+        load_from_checkpoint(Net, plain)
+
+
+def test_alphas_logged_every_epoch_and_plot_written(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    logger = CSVLogger(tmp_path, name="logs")
+    cb = PACTCallback(first_last="quantize", plot=True, log_every_n_steps=2)
+    _trainer(tmp_path, [cb], logger=logger, max_epochs=3, log_every_n_steps=1).fit(model)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    epoch_rows = [r for r in rows if r.get("pact/alpha/relu1") and r.get("epoch") and r.get("step")]
+    assert len(epoch_rows) >= 3
+    last = [r for r in rows if r.get("pact/alpha/relu2")][-1]
+    assert float(last["pact/alpha/relu2"]) == pytest.approx(float(model.relu2.alpha.detach()), rel=1e-6)
+    assert (Path(logger.log_dir) / "pact_alpha.png").stat().st_size > 1000
+    assert set(cb._max_seen) == {"relu1", "relu2"} and all(v > 0 for v in cb._max_seen.values())
+
+
+def test_fit_twice_then_validate_does_not_double_wrap(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    cb = PACTCallback(first_last="quantize")
+    trainer = _trainer(tmp_path, [cb], max_epochs=1)
+    trainer.fit(model)
+    modules = [type(m).__name__ for m in model.modules()]
+    _trainer(tmp_path, [cb], max_epochs=1).fit(model)
+    trainer.validate(model, verbose=False)
+    assert [type(m).__name__ for m in model.modules()] == modules
+    assert len(trainer.optimizers[0].param_groups) == 2
+
+
+def test_functional_relu_warns_naming_the_model(tmp_path):
+    class Functional(Net):
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(self.relu1(self.fc1(x)))))
+
+    with pytest.warns(UserWarning, match=r"Functional\.forward calls `F\.relu\(\.\.\.\)`"):
+        _trainer(tmp_path, [PACTCallback(first_last="quantize")], max_epochs=1).fit(Functional())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"act_bits": 0}, r"`act_bits` must be an int in 1\.\.16, got 0"),
+        ({"act_bits": 17}, r"`act_bits` must be an int in 1\.\.16, got 17"),
+        ({"act_bits": 2.5}, r"`act_bits` must be an int in 1\.\.16, got 2\.5"),
+        ({"act_bits": None}, r"`act_bits` must be an int in 1\.\.16, got None"),
+        ({"weight_bits": 0}, r"`weight_bits` must be an int in 1\.\.16 or None \(keep float\), got 0"),
+        ({"alpha_init": 0.0}, r"`alpha_init` must be a finite number > 0, got 0\.0"),
+        ({"alpha_init": -1}, r"`alpha_init` must be a finite number > 0, got -1"),
+        ({"alpha_lr": 0}, r"`alpha_lr` must be a finite number > 0, got 0"),
+        ({"alpha_lr": -0.1}, r"`alpha_lr` must be a finite number > 0, got -0\.1"),
+        ({"alpha_weight_decay": -1e-4}, r"`alpha_weight_decay` must be a finite number >= 0"),
+        ({"first_last": "fp32"}, r"`first_last` must be one of \('float', '8bit', 'quantize'\), got 'fp32'"),
+        ({"lr_schedule": "cosine"}, r"`lr_schedule` must be one of \('follow', 'constant'\), got 'cosine'"),
+        ({"log_every_n_steps": 0}, r"`log_every_n_steps` must be None or an int >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PACTCallback(**kwargs)
+
+
+def test_unknown_skip_fails_before_any_step_and_leaves_the_model_alone(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`skip` pattern 'fc9' matches no module of Net; modules: fc1, relu1, fc2"):
+        _trainer(tmp_path, [PACTCallback(skip=["fc9"])]).fit(model)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert isinstance(model.relu1, nn.ReLU)
+
+
+def test_nothing_to_quantize_is_an_error(tmp_path):
+    class Tanh(Net):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = self.fc2 = self.fc3 = nn.Identity()
+            self.relu1 = self.relu2 = nn.Tanh()
+
+        def forward(self, x):
+            return x[:, :3]
+
+    with pytest.raises(ValueError, match="Nothing to quantize in Tanh"):
+        _trainer(tmp_path, [PACTCallback()]).fit(Tanh())
+
+
+def test_unsupported_strategy_is_an_error(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = _trainer(tmp_path, [PACTCallback()])
+    trainer.strategy.__class__  # noqa: B018 - the real strategy exists; swap in a sharded one below
+    with pytest.raises(ValueError, match="supports single-device training and DDP .* got FSDPStrategy"):
+        lightning_quant.PACTCallback()._check_strategy(type("T", (), {"strategy": FSDPStrategy()})())
+
+
+def test_first_last_float_is_the_papers_layout(tmp_path):
+    model = Net()
+    cb = PACTCallback(act_bits=4, weight_bits=4)
+    _trainer(tmp_path, [cb], max_epochs=1).fit(model)
+    bits = {e.name: e.bits for e in cb.plan.entries}
+    assert bits == {"fc1": None, "relu1": 4, "fc2": 4, "relu2": None, "fc3": None}
+    assert isinstance(model.relu2, nn.ReLU) and isinstance(model.relu1, PACTActivation)
