@@ -5,15 +5,17 @@ callbacks are thin Lightning layers over it.
 """
 
 from lightning_quant import schedules
-from lightning_quant.callbacks import PACTCallback, QuantizationCallback
+from lightning_quant.callbacks import PACTCallback, QuantizationCallback, QuantNoiseCallback
 from lightning_quant.checkpoint import inject_from_checkpoint, load_from_checkpoint
-from lightning_quant.config import PACTConfig, QuantConfig
+from lightning_quant.config import PACTConfig, QuantConfig, QuantNoiseConfig
 from lightning_quant.surgery import QuantizationPlan, inject_quantizers
 
 __all__ = [
     "PACTCallback",
     "PACTConfig",
     "QuantConfig",
+    "QuantNoiseCallback",
+    "QuantNoiseConfig",
     "QuantizationCallback",
     "QuantizationPlan",
     "inject_from_checkpoint",

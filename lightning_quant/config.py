@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer, check_bits, check_positive
 from lightning_quant.quantizers.pact import DoReFaWeight, PACTActivation
+from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
 
 #: Allowed values of ``first_last``: what happens to the first and last weight layers (and the activation that feeds
 #: the last layer). ``"float"`` is the PACT paper's choice; ``"8bit"`` the common later compromise.
@@ -91,7 +92,66 @@ class PACTConfig(QuantConfig):
         return DoReFaWeight(bits)
 
 
-_CONFIGS: dict[str, type[QuantConfig]] = {"pact": PACTConfig}
+#: Layer types QuantNoise may cover, by the names its ``layer_types`` argument takes.
+QUANT_NOISE_LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+    "Embedding": nn.Embedding,
+}
+
+
+@dataclass(frozen=True)
+class QuantNoiseConfig(QuantConfig):
+    """QuantNoise recipe: weights only, each covered layer gets a :class:`QuantNoiseWeight`.
+
+    Args:
+        mode: ``"scalar"`` (int-``weight_bits`` noise) or ``"block"`` (iPQ-style proxy).
+        block_size: Consecutive input features per block in block mode.
+        layer_types: Names of the layer types to cover, from :data:`QUANT_NOISE_LAYER_TYPES`.
+    """
+
+    method: ClassVar[str] = "quant_noise"
+    act_bits: int | None = None
+    first_last: str = "quantize"
+    mode: str = "scalar"
+    block_size: int = 8
+    layer_types: tuple[str, ...] = ("Linear", "Conv2d", "Embedding")
+
+    activation_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    def __post_init__(self) -> None:
+        if self.act_bits is not None:
+            raise ValueError(f"QuantNoise quantizes weights only: `act_bits` must be None, got {self.act_bits!r}.")
+        check_bits(self.weight_bits, "bits")
+        super().__post_init__()
+        types = (self.layer_types,) if isinstance(self.layer_types, str) else tuple(self.layer_types)
+        unknown = [t for t in types if t not in QUANT_NOISE_LAYER_TYPES]
+        if unknown or not types:
+            raise ValueError(
+                f"`layer_types` must be a non-empty list of {sorted(QUANT_NOISE_LAYER_TYPES)},"
+                f" got {self.layer_types!r}."
+            )
+        object.__setattr__(self, "layer_types", types)
+        QuantNoiseWeight(self.weight_bits, p=0.0, mode=self.mode, block_size=self.block_size)  # validates the rest
+
+    @property
+    def weight_types(self) -> tuple[type[nn.Module], ...]:  # type: ignore[override]
+        return tuple(QUANT_NOISE_LAYER_TYPES[t] for t in self.layer_types)
+
+    def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
+        quantizer = QuantNoiseWeight(bits, p=0.0, mode=self.mode, block_size=self.block_size)
+        quantizer.check_layer(layer, name)
+        return quantizer
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["layer_types"] = list(self.layer_types)
+        return data
+
+
+_CONFIGS: dict[str, type[QuantConfig]] = {"pact": PACTConfig, "quant_noise": QuantNoiseConfig}
 
 
 def register_config(cls: type[QuantConfig]) -> type[QuantConfig]:
@@ -112,4 +172,4 @@ def config_from_dict(data: dict[str, Any]) -> QuantConfig:
         raise ValueError(f"Unknown quantization method {method!r}; known: {sorted(_CONFIGS)}.")
     cls = _CONFIGS[method]
     known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: (tuple(v) if k == "skip" else v) for k, v in data.items() if k in known})
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})

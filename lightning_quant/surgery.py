@@ -280,7 +280,7 @@ def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) 
             if bits is None:
                 plan.entries.append(PlanEntry(name, "activation", None, sites, reason=reason or "act_bits=None"))
                 continue
-            quantizer = config.make_activation(child, sites, bits)
+            quantizer = config.make_activation(child, sites, bits).train(child.training)
             setattr(parent, attr, quantizer)
             plan.entries.append(PlanEntry(name, "activation", bits, sites, type(quantizer).__name__, reason))
             if sites > 1:
@@ -295,7 +295,8 @@ def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) 
                 plan.entries.append(PlanEntry(name, "weight", None, reason=reason or "weight_bits=None"))
                 continue
             if id(child) not in twins:  # a layer shared by two slots stays one layer
-                twins[id(child)] = swap_layer(child, config.make_weight(child, name, bits))
+                weight_quantizer = config.make_weight(child, name, bits).train(child.training)
+                twins[id(child)] = swap_layer(child, weight_quantizer)
             twin = twins[id(child)]
             setattr(parent, attr, twin)
             plan.entries.append(PlanEntry(name, "weight", bits, 1, type(twin.weight_quantizer).__name__, reason))
@@ -304,6 +305,7 @@ def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) 
 
     for parent, attrs in reset_hooks.values():
         parent.register_forward_pre_hook(ResetCallSites(attrs))
+    _disable_fused_paths(model, plan)
 
     plan.warnings.extend(
         f"{type(model).__name__}: {where}; functional activations can not be swapped and stay float. Use"
@@ -321,6 +323,22 @@ def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) 
             warnings.warn(message, UserWarning, stacklevel=2)
     object.__setattr__(model, RECIPE_ATTR, {"config": recipe, "plan": plan.to_dict()})
     return plan
+
+
+def _disable_fused_paths(model: nn.Module, plan: QuantizationPlan) -> None:
+    """Keep the quantized layers on the path that calls them; note the layers torch never calls."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            if isinstance(module.linear1, QUANTIZED_LAYERS) or isinstance(module.linear2, QUANTIZED_LAYERS):
+                # In eval under no_grad this layer takes `torch._transformer_encoder_layer_fwd`, which reads the raw
+                # weights and never calls linear1/linear2.forward; this flag is the one condition of that fast path
+                # that changes nothing else (the activation function itself is stored separately).
+                module.activation_relu_or_gelu = 0
+        if isinstance(module, nn.MultiheadAttention):
+            plan.warnings.append(
+                f"{name} (nn.MultiheadAttention) keeps its projections float: it passes its raw weights to"
+                " F.multi_head_attention_forward and never calls its out_proj's forward."
+            )
 
 
 def injected_recipe(model: nn.Module) -> dict[str, Any] | None:

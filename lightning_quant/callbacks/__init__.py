@@ -2,5 +2,6 @@
 
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.callbacks.pact import PACTCallback
+from lightning_quant.callbacks.quant_noise import QuantNoiseCallback
 
-__all__ = ["PACTCallback", "QuantizationCallback"]
+__all__ = ["PACTCallback", "QuantNoiseCallback", "QuantizationCallback"]

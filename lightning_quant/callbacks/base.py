@@ -73,7 +73,7 @@ class QuantizationCallback(Callback):
     def __init__(
         self,
         config: QuantConfig,
-        quantizer_lr: float,
+        quantizer_lr: float | None,
         quantizer_weight_decay: float = 0.0,
         lr_schedule: str = "follow",
         log_every_n_steps: int | None = None,
@@ -81,7 +81,8 @@ class QuantizationCallback(Callback):
         schedules: dict[str, Schedule] | None = None,
     ) -> None:
         super().__init__()
-        check_positive(quantizer_lr, self._arg_names.get("quantizer_lr", "quantizer_lr"))
+        if quantizer_lr is not None:  # None: the method has no learned quantizer parameters
+            check_positive(quantizer_lr, self._arg_names.get("quantizer_lr", "quantizer_lr"))
         check_positive(
             quantizer_weight_decay,
             self._arg_names.get("quantizer_weight_decay", "quantizer_weight_decay"),
@@ -94,7 +95,7 @@ class QuantizationCallback(Callback):
         ):
             raise ValueError(f"`log_every_n_steps` must be None or an int >= 1, got {log_every_n_steps!r}.")
         self.config = config
-        self.quantizer_lr = float(quantizer_lr)
+        self.quantizer_lr = None if quantizer_lr is None else float(quantizer_lr)
         self.quantizer_weight_decay = float(quantizer_weight_decay)
         self.lr_schedule = lr_schedule
         self.log_every_n_steps = log_every_n_steps
@@ -165,7 +166,7 @@ class QuantizationCallback(Callback):
             )
         self._group = None
         params = [p for _, p in self.quantizer_parameters(pl_module)]
-        if params and trainer.optimizers:
+        if params and trainer.optimizers and self.quantizer_lr is not None:
             opt_index, group_index, source = self._add_group(trainer, params)
             self._group = (opt_index, group_index)
         self.apply_schedule_values(pl_module, self.schedule_values(trainer.current_epoch, self._max_epochs(trainer)))

@@ -1,0 +1,250 @@
+"""QuantNoiseCallback in real Trainer runs: schedule, resume, evaluation quantization, transformer, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos import LightningTransformer
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_quant import QuantNoiseCallback, load_from_checkpoint
+from lightning_quant.functional.quant_noise import fake_quantize_affine
+from lightning_quant.layers import QuantLinear
+from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
+from lightning_quant.schedules import CosineSchedule, LinearSchedule
+
+
+def _data(n: int = 96) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 16, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
+
+
+class Net(L.LightningModule):
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.fc1 = nn.Linear(16, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return DataLoader(_data(), batch_size=16)
+
+
+def _trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+class RecordP(L.Callback):
+    def __init__(self):
+        self.p = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.p[trainer.current_epoch] = float(pl_module.fc1.weight_quantizer.p)
+
+
+def test_rate_schedule_moves_each_epoch_and_is_logged(tmp_path):
+    torch.manual_seed(0)
+    schedule = LinearSchedule(0.1, 0.5)
+    record = RecordP()
+    logger = CSVLogger(tmp_path, name="logs")
+    _trainer(tmp_path, [QuantNoiseCallback(bits=4, p=schedule), record], max_epochs=5, logger=logger).fit(Net())
+    assert record.p == pytest.approx({e: schedule(e, 5) for e in range(5)})
+    rows = [r for r in csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")) if r.get("quant_noise/p")]
+    assert [float(r["quant_noise/p"]) for r in rows] == pytest.approx([schedule(e, 5) for e in range(5)])
+
+
+def test_resumed_run_continues_the_schedule_exactly(tmp_path):
+    schedule = CosineSchedule(0.9, 0.1)
+
+    def run(max_epochs, root, ckpt_path=None):
+        torch.manual_seed(0)
+        record = RecordP()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True)
+        cb = QuantNoiseCallback(bits=4, p=schedule)
+        trainer = _trainer(tmp_path / root, [cb, record, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
+        trainer.fit(Net(), ckpt_path=ckpt_path)
+        return record.p
+
+    full = run(4, "full")
+    run(3, "part")  # stops after epoch index 2
+    resumed = run(4, "part", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    assert list(resumed) == [3]
+    assert resumed[3] == full[3] == pytest.approx(schedule(3, 4))
+    saved = torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)
+    state = next(v for k, v in saved["callbacks"].items() if "QuantNoiseCallback" in k)
+    assert state["schedules"] == {"p": {"type": "CosineSchedule", "start": 0.9, "end": 0.1}}
+
+
+def test_evaluation_quantizes_every_covered_weight_to_bits(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(tmp_path, [QuantNoiseCallback(bits=3, p=0.5), ckpt], enable_checkpointing=True).fit(model)
+    model.eval()
+    for layer in (model.fc1, model.fc2):
+        assert isinstance(layer, QuantLinear)
+        effective = layer.weight_quantizer(layer.weight)
+        assert torch.equal(effective, fake_quantize_affine(layer.weight, 3))
+        assert effective.unique().numel() <= 2**3
+    x = torch.randn(8, 16)
+    expected = F.linear(
+        F.relu(F.linear(x, fake_quantize_affine(model.fc1.weight, 3), model.fc1.bias)),
+        fake_quantize_affine(model.fc2.weight, 3),
+        model.fc2.bias,
+    )
+    assert torch.equal(model(x), expected)
+    loaded = load_from_checkpoint(Net, tmp_path / "last.ckpt")
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_p_zero_is_the_float_model_and_p_one_is_full_weight_qat(tmp_path, p):
+    torch.manual_seed(0)
+    model = Net()
+    reference = Net()
+    reference.load_state_dict(model.state_dict())
+    _trainer(tmp_path, [QuantNoiseCallback(bits=4, p=p)], max_epochs=1, limit_train_batches=0).fit(model)
+    model.train()
+    x = torch.randn(8, 16)
+    if p == 0.0:
+        expected = reference(x)
+    else:
+        expected = F.linear(
+            F.relu(F.linear(x, fake_quantize_affine(reference.fc1.weight, 4), reference.fc1.bias)),
+            fake_quantize_affine(reference.fc2.weight, 4),
+            reference.fc2.bias,
+        )
+    assert torch.equal(model(x), expected)
+
+
+def test_training_never_changes_weights_without_an_optimizer_step(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    _trainer(tmp_path, [QuantNoiseCallback(bits=2, p=0.7, mode="scalar")], max_epochs=1, limit_train_batches=0).fit(
+        model
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    for _ in range(50):
+        model(torch.randn(4, 16)).sum().backward()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_block_size_not_dividing_names_the_layer_before_any_step(tmp_path):
+    model = Net()
+    before = model.fc1.weight.detach().clone()
+    with pytest.raises(ValueError, match="fc1"):
+        _trainer(tmp_path, [QuantNoiseCallback(mode="block", p=0.1, block_size=5)]).fit(model)
+    assert torch.equal(model.fc1.weight, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"p": 1.5}, r"`p` must stay inside \[0\.0, 1\.0\]"),
+        ({"p": -0.1}, r"`p` must stay inside \[0\.0, 1\.0\]"),
+        ({"p": LinearSchedule(0.5, 1.2)}, r"`p` must stay inside \[0\.0, 1\.0\]; LinearSchedule"),
+        ({"p": 1.0, "mode": "block"}, r"`p` must stay inside \[0\.0, 1\.0\)"),
+        ({"p": "high"}, r"`p` must be a number or a lightning_quant\.schedules\.Schedule"),
+        ({"bits": 0}, r"`bits` must be an int in 1\.\.16, got 0"),
+        ({"bits": 17}, r"`bits` must be an int in 1\.\.16, got 17"),
+        ({"mode": "vector"}, r"`mode` must be one of \['scalar', 'block'\], got 'vector'"),
+        ({"block_size": 0}, r"`block_size` must be an int >= 1, got 0"),
+        ({"layer_types": ["LSTM"]}, r"`layer_types` must be a non-empty list of"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantNoiseCallback(**kwargs)
+
+
+class TinyTransformer(LightningTransformer):
+    """Lightning's demo transformer on synthetic tokens (no download)."""
+
+    def __init__(self, vocab_size: int = 32) -> None:
+        super().__init__(vocab_size=vocab_size)
+
+    def prepare_data(self) -> None:
+        pass
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 32, (16, 9), generator=g)
+        return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
+
+
+def test_transformer_linear_layers_are_quantized_at_evaluation(tmp_path):
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    _trainer(tmp_path, [QuantNoiseCallback(bits=4, p=0.5)], max_epochs=1).fit(model)
+    encoder_layer = model.model.transformer.encoder.layers[0]
+    assert isinstance(encoder_layer.linear1, QuantLinear)
+    assert isinstance(model.model.embedding.weight_quantizer, QuantNoiseWeight)
+    # MultiheadAttention's out_proj is a Linear subclass whose forward never runs: it is left alone.
+    assert type(encoder_layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+    model.eval()
+    tokens = torch.randint(0, 32, (2, 8))
+    with torch.no_grad():  # eval + no_grad: the condition under which torch may take its fused encoder path
+        fast = model(tokens, tokens)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = model(tokens, tokens)  # the module-by-module path, through QuantLinear.forward
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    effective = encoder_layer.linear1.weight_quantizer(encoder_layer.linear1.weight)
+    assert effective.unique().numel() <= 16
+    assert not torch.equal(effective, encoder_layer.linear1.weight)
+
+
+def test_fused_encoder_fast_path_does_not_bypass_quantized_linears():
+    from lightning_quant import inject_quantizers
+    from lightning_quant.config import QuantNoiseConfig
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True).eval()
+    inject_quantizers(layer, QuantNoiseConfig(weight_bits=4))
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        fast = layer(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = layer(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        float_layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True).eval()
+        float_layer.load_state_dict({k: v for k, v in layer.state_dict().items() if "quantizer" not in k})
+        reference = float_layer(x)
+    assert torch.allclose(fast, slow, atol=1e-6), "the fused path read the raw float weights"
+    assert not torch.allclose(fast, reference, atol=1e-4), "quantization had no effect: nothing was tested"
