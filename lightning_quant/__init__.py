@@ -5,12 +5,14 @@ callbacks are thin Lightning layers over it.
 """
 
 from lightning_quant import schedules
-from lightning_quant.callbacks import PACTCallback, QuantizationCallback, QuantNoiseCallback
+from lightning_quant.callbacks import DSQCallback, PACTCallback, QuantizationCallback, QuantNoiseCallback
 from lightning_quant.checkpoint import inject_from_checkpoint, load_from_checkpoint
-from lightning_quant.config import PACTConfig, QuantConfig, QuantNoiseConfig
+from lightning_quant.config import DSQConfig, PACTConfig, QuantConfig, QuantNoiseConfig
 from lightning_quant.surgery import QuantizationPlan, inject_quantizers
 
 __all__ = [
+    "DSQCallback",
+    "DSQConfig",
     "PACTCallback",
     "PACTConfig",
     "QuantConfig",

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer, check_bits, check_positive
+from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
 from lightning_quant.quantizers.pact import DoReFaWeight, PACTActivation
 from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
 
@@ -92,6 +93,46 @@ class PACTConfig(QuantConfig):
         return DoReFaWeight(bits)
 
 
+@dataclass(frozen=True)
+class DSQConfig(QuantConfig):
+    """DSQ recipe: :class:`DSQActivation` for activations, :class:`DSQWeight` for weights.
+
+    Weight ranges start at the weight's own ``[min, max]`` (set here, at injection); activation ranges start at the
+    documented default ``[0, 6]`` and are calibrated from the first batch by the callback.
+
+    Args:
+        temperature: Initial characteristic variable alpha in (0, 1).
+        learn_temperature: Learn alpha per layer (a Parameter) instead of following a schedule (a buffer).
+    """
+
+    method: ClassVar[str] = "dsq"
+    temperature: float = 0.2
+    learn_temperature: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise ValueError(f"`temperature` must be a float in the open interval (0, 1), got {self.temperature!r}.")
+        if not 0.0 < self.temperature < 1.0:
+            raise ValueError(f"`temperature` must be a float in the open interval (0, 1), got {self.temperature!r}.")
+        if not isinstance(self.learn_temperature, bool):
+            raise ValueError(f"`learn_temperature` must be a bool, got {self.learn_temperature!r}.")
+
+    def make_activation(self, original: nn.Module, num_sites: int, bits: int) -> ActivationQuantizer:
+        return DSQActivation(
+            bits,
+            num_sites=num_sites,
+            temperature=float(self.temperature),
+            learn_temperature=self.learn_temperature,
+            relu6=isinstance(original, nn.ReLU6),
+        )
+
+    def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
+        quantizer = DSQWeight(bits, temperature=float(self.temperature), learn_temperature=self.learn_temperature)
+        quantizer.calibrate(layer.weight.detach())
+        return quantizer
+
+
 #: Layer types QuantNoise may cover, by the names its ``layer_types`` argument takes.
 QUANT_NOISE_LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
@@ -151,7 +192,7 @@ class QuantNoiseConfig(QuantConfig):
         return data
 
 
-_CONFIGS: dict[str, type[QuantConfig]] = {"pact": PACTConfig, "quant_noise": QuantNoiseConfig}
+_CONFIGS: dict[str, type[QuantConfig]] = {"pact": PACTConfig, "dsq": DSQConfig, "quant_noise": QuantNoiseConfig}
 
 
 def register_config(cls: type[QuantConfig]) -> type[QuantConfig]:

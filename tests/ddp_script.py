@@ -3,7 +3,7 @@
 A script, not a test module: `strategy="ddp"` relaunches the running command once per extra rank, which must be
 this script, not pytest. Every rank saves its final parameters to ``<out>/rank<r>.pt``.
 
-Usage: python tests/ddp_script.py <ddp|ddp_spawn> <out dir>
+Usage: python tests/ddp_script.py <ddp|ddp_spawn> <out dir> [pact|dsq|quant_noise]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant import PACTCallback, load_from_checkpoint
+from lightning_quant import DSQCallback, PACTCallback, QuantNoiseCallback, load_from_checkpoint
 
 
 class Net(L.LightningModule):
@@ -57,7 +57,14 @@ class SaveRankState(L.Callback):
         torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(strategy: str, out: Path) -> None:
+CALLBACKS = {
+    "pact": lambda: PACTCallback(act_bits=3, weight_bits=3, first_last="quantize", alpha_init=2.0, alpha_lr=0.05),
+    "dsq": lambda: DSQCallback(act_bits=2, weight_bits=2, first_last="quantize", quantizer_lr=0.05),
+    "quant_noise": lambda: QuantNoiseCallback(bits=4, p=0.5),
+}
+
+
+def main(strategy: str, out: Path, method: str = "pact") -> None:
     out.mkdir(parents=True, exist_ok=True)
     # A different seed per rank would make ranks start apart; DDP must still end them identical.
     L.seed_everything(0)
@@ -72,7 +79,7 @@ def main(strategy: str, out: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[
-            PACTCallback(act_bits=3, weight_bits=3, first_last="quantize", alpha_init=2.0, alpha_lr=0.05),
+            CALLBACKS[method](),
             SaveRankState(out),
             ModelCheckpoint(dirpath=out / "ckpt", save_last=True),
         ],
@@ -87,4 +94,4 @@ def main(strategy: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:])

@@ -15,23 +15,28 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
-def _run(strategy: str, out: Path) -> subprocess.CompletedProcess:
+def _run(strategy: str, out: Path, method: str = "pact") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), strategy, str(out)], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, str(SCRIPT), strategy, str(out), method], capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-def _check_ranks_identical_and_trained(out: Path) -> dict[str, torch.Tensor]:
+def _load_ranks(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
     rank1 = torch.load(out / "rank1.pt", weights_only=True)
-    alpha_keys = [k for k in rank0 if k.endswith("alpha")]
-    assert alpha_keys == ["relu1.alpha", "relu2.alpha"]
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+    return rank0, rank1
+
+
+def _check_ranks_identical_and_trained(out: Path) -> dict[str, torch.Tensor]:
+    rank0, _ = _load_ranks(out)
+    alpha_keys = [k for k in rank0 if k.endswith("alpha")]
+    assert alpha_keys == ["relu1.alpha", "relu2.alpha"]
     for key in alpha_keys:
         assert not torch.equal(rank0[key], torch.full_like(rank0[key], 2.0)), f"{key} never trained"
     return rank0
@@ -64,3 +69,19 @@ def test_ddp_spawn_warns_and_load_from_checkpoint_recovers(tmp_path):
     # ... and the one call named in the warning gives the trained model.
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
     assert all(torch.equal(loaded[k], rank0[k]) for k in rank0)
+
+
+@pytest.mark.slow
+def test_ddp_dsq_ranks_share_calibrated_ranges(tmp_path):
+    _run("ddp", tmp_path, "dsq")
+    rank0, _ = _load_ranks(tmp_path)
+    # Each rank saw a different first batch; the reduced calibration and DDP keep them identical.
+    assert bool(rank0["relu1.calibrated"].all()) and float(rank0["relu1.upper"][0]) != 6.0
+    assert {"relu1.lower", "relu1.upper", "fc2.weight_quantizer.lower"} <= set(rank0)
+
+
+@pytest.mark.slow
+def test_ddp_quant_noise_stored_weights_identical(tmp_path):
+    _run("ddp", tmp_path, "quant_noise")
+    rank0, _ = _load_ranks(tmp_path)
+    assert float(rank0["fc1.weight_quantizer.p"]) == 0.5

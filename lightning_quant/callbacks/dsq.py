@@ -1,0 +1,172 @@
+"""DSQCallback: differentiable soft quantization (Gong et al., ICCV 2019) for any LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.config import DSQConfig
+from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
+from lightning_quant.schedules import ConstantSchedule, Schedule, as_schedule
+
+
+def _site_keys(name: str, module: DSQActivation) -> list[str]:
+    return [name] if module.num_sites == 1 else [f"{name}.site{i}" for i in range(module.num_sites)]
+
+
+class DSQCallback(QuantizationCallback):
+    r"""Quantization-aware training with DSQ: a hard staircase forward and the gradient of a tanh-based soft
+    staircase backward, so the gradient carries the quantization error (with the straight-through estimator it is
+    the same at 8 bits and at 2).
+
+    Every ``nn.ReLU``/``nn.ReLU6`` becomes a :class:`DSQActivation` (range ``[l, u]`` per call site, learned) and every
+    Linear/Conv weight goes through a :class:`DSQWeight` (range per layer, learned, starting at the weight's
+    ``[min, max]``). Activation ranges start from the first batch each site sees (``[0, max]`` after the ReLU,
+    non-finite values ignored; under DDP the min and max are reduced across ranks so every rank starts alike).
+    The temperature (the paper's characteristic variable alpha in (0, 1); small = close to the hard step) is a
+    number, a schedule moved each epoch, or learned per layer (``learn_temperature=True``, the paper's mode).
+
+    Logged each epoch: ``dsq/temperature`` (or ``dsq/temperature/<layer>`` when learned) and each layer's range as
+    ``dsq/lower/<layer>`` and ``dsq/upper/<layer>``.
+
+    Args:
+        act_bits: Bit width of the activations, 1..16, or None to keep them float.
+        weight_bits: Bit width of the weights, 1..16, or None to keep them float.
+        temperature: alpha in (0, 1), or a :mod:`lightning_quant.schedules` object whose values stay in (0, 1),
+            e.g. ``CosineSchedule(0.4, 0.05)``. With ``learn_temperature=True`` it must be a number (the start).
+            Default 0.2, the start used by the paper's re-implementations.
+        learn_temperature: Learn alpha per layer by gradient descent, kept inside (0, 1) by a sigmoid.
+        quantizer_lr: Learning rate of the quantizer parameters' group (ranges, learned alphas).
+        quantizer_weight_decay: Weight decay of that group (default 0: decay would shrink the ranges).
+        skip: Module names or glob patterns left float.
+        first_last: ``"float"`` (default, as in the paper), ``"8bit"`` or ``"quantize"``; see :class:`PACTCallback`.
+        lr_schedule: ``"follow"`` or ``"constant"``; see :class:`PACTCallback`.
+        log_every_n_steps: Also log every n steps.
+        verbose: Print the quantization plan at fit start.
+
+    Raises:
+        ValueError: If an argument is out of range (temperature or a schedule value outside (0, 1), bits not an int
+            in 1..16, negative learning rate or weight decay).
+    """
+
+    log_prefix = "dsq"
+
+    def __init__(
+        self,
+        act_bits: int | None = 4,
+        weight_bits: int | None = 4,
+        temperature: float | Schedule = 0.2,
+        learn_temperature: bool = False,
+        quantizer_lr: float = 0.01,
+        quantizer_weight_decay: float = 0.0,
+        skip: Sequence[str] = (),
+        first_last: str = "float",
+        lr_schedule: str = "follow",
+        log_every_n_steps: int | None = None,
+        verbose: bool = True,
+    ) -> None:
+        schedule = as_schedule(temperature, "temperature")
+        schedule.check_range("temperature", 0.0, 1.0)
+        if learn_temperature is True and not isinstance(schedule, ConstantSchedule):
+            raise ValueError(
+                f"`temperature` must be a number when `learn_temperature=True` (it is the starting value), got"
+                f" {temperature!r}."
+            )
+        config = DSQConfig(
+            act_bits=act_bits,
+            weight_bits=weight_bits,
+            temperature=schedule.endpoints()[0],
+            learn_temperature=learn_temperature,
+            first_last=first_last,
+            skip=tuple(skip),
+        )
+        super().__init__(
+            config,
+            quantizer_lr=quantizer_lr,
+            quantizer_weight_decay=quantizer_weight_decay,
+            lr_schedule=lr_schedule,
+            log_every_n_steps=log_every_n_steps,
+            verbose=verbose,
+            schedules={} if learn_temperature else {"temperature": schedule},
+        )
+        self._hooks: list[Any] = []
+
+    @override
+    def apply_schedule_values(self, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        if "temperature" not in values:
+            return
+        for module in pl_module.modules():
+            if isinstance(module, (DSQActivation, DSQWeight)):
+                module.set_temperature(values["temperature"])
+
+    @override
+    def learned_values(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        values: dict[str, Tensor] = {}
+        for name, module in pl_module.named_modules():
+            if isinstance(module, DSQActivation):
+                keys = _site_keys(name, module)
+                lower, upper = module.lower.detach(), module.upper.detach()
+                temperature = module.get_temperature().detach()
+                for i, key in enumerate(keys):
+                    values[f"lower/{key}"] = lower[i]
+                    values[f"upper/{key}"] = upper[i]
+                    if module.learn_temperature:
+                        values[f"temperature/{key}"] = temperature[i]
+            elif isinstance(module, DSQWeight):
+                layer = name.removesuffix(".weight_quantizer")
+                values[f"lower/{layer}.weight"] = module.lower.detach()
+                values[f"upper/{layer}.weight"] = module.upper.detach()
+                if module.learn_temperature:
+                    values[f"temperature/{layer}.weight"] = module.get_temperature().detach().reshape(())
+        return values
+
+    # ------------------------------------------------------------------ first-batch calibration
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        for module in pl_module.modules():
+            if isinstance(module, DSQActivation) and not bool(module.calibrated.all()):
+                self._hooks.append(module.register_forward_pre_hook(_calibrate_on_first_call))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._hooks and all(bool(m.calibrated.all()) for m in pl_module.modules() if isinstance(m, DSQActivation)):
+            self._remove_hooks()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+@torch.no_grad()
+def _calibrate_on_first_call(module: DSQActivation, args: tuple) -> None:
+    """Forward pre-hook: set an uncalibrated site's range from the batch it is about to quantize.
+
+    Every DDP rank runs the same forwards in the same order, so the collective calls line up; reducing the min and
+    max gives every rank the range of the union of their batches.
+    """
+    site = module._next_site if module.num_sites > 1 else 0
+    if bool(module.calibrated[site]):
+        return
+    stats = module.range_statistics(args[0])
+    if dist.is_available() and dist.is_initialized():
+        lower, upper = stats[0:1].clone(), stats[1:2].clone()
+        dist.all_reduce(lower, op=dist.ReduceOp.MIN)
+        dist.all_reduce(upper, op=dist.ReduceOp.MAX)
+        stats = torch.cat([lower, upper])
+    module.set_range(site, stats[0], stats[1])

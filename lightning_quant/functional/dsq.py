@@ -1,0 +1,366 @@
+r"""Differentiable Soft Quantization (DSQ; Gong et al., ICCV 2019) as plain torch functions.
+
+Notation. A range ``[l, u]`` and ``b`` bits give ``n = 2^b - 1`` intervals of width ``Delta = (u - l) / n`` and the
+``n + 1`` levels ``l + j * Delta`` (``j = 0..n``). For ``x`` inside the range, ``t = (x - l) / Delta`` is its position
+in units of bins, ``i = clamp(floor(t), 0, n - 1)`` its bin and ``m_i = l + (i + 0.5) * Delta`` the bin centre. The
+characteristic variable ``alpha`` in ``(0, 1)`` (the "temperature") fixes the steepness
+``k = log(2 / alpha - 1) / Delta`` and ``s = 1 / tanh(0.5 * k * Delta)`` (``= 1 / (1 - alpha)``), and
+
+* ``phi(x) = s * tanh(k * (x - m_i))`` (from -1 at the bin's left edge to +1 at its right edge),
+* the soft value ``Q_s(x) = l + Delta * (i + (phi(x) + 1) / 2)`` (:func:`dsq_soft`),
+* the hard value ``Q(x) = l + Delta * (i + (sgn(phi(x)) + 1) / 2)``, i.e. ``x`` rounded to the nearest level.
+
+Writing ``c = k * Delta = log(2 / alpha - 1)`` (dimensionless), the slope is ``dQ_s/dx = 0.5 * s * c *
+sech^2(k * (x - m_i))``: ``0.5 * s * log(2 / alpha - 1)`` at a bin centre, ``c / sinh(c)`` at a bin edge, and its
+integral over a bin is exactly ``Delta`` (``Q_s`` runs from one level to the next), so the slope averages 1 per bin.
+As ``alpha -> 1`` (``c -> 0``) ``Q_s(x) -> x`` and the gradient tends to the plain straight-through estimator; as
+``alpha -> 0`` it tends to a spike at each bin centre.
+
+Forward (what :func:`dsq_quantize` returns) -- the hard value, exactly:
+
+* ``x <= l`` gives ``l`` and ``x >= u`` gives ``u`` (bit-exact copies of the bounds, ``-inf``/``+inf`` included);
+  every other output is ``l + j * Delta`` computed as written, so a tensor holds at most ``2^b`` distinct values
+  (no ``x + (q - x).detach()`` float noise: a custom autograd function returns ``q`` itself).
+* Bin centres (``sgn(phi) = 0``): the level index ``t`` is rounded half to even, like ``torch.round`` (so with
+  ``l = 0, Delta = 1``: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2). "Centre" means where the computed ``t`` is exactly
+  ``i + 0.5``; ties are only exact where the float arithmetic makes them so.
+* A bin edge ``x = l + j * Delta`` is itself a level and maps to it.
+* NaN in ``x`` passes through as NaN (the quantizer does not hide upstream divergence).
+
+Backward -- through the soft value ``Q_s`` (the paper's point: the hard step in the forward, the tanh curve in the
+backward; MQBench and the re-implementations do the same), with the bin ``i`` held fixed:
+
+* ``x`` in the closed range ``[l, u]``: ``dQ/dx = dQ_s/dx`` (one-sided at the ends: ``c / sinh(c)`` at ``x = l`` and
+  at ``x = u``); ``x < l`` or ``x > u``: 0.
+* ``l`` and ``u``: for ``x`` in ``[l, u]`` the full derivative of ``Q_s`` through its direct ``l`` term, ``Delta``
+  and ``m_i`` (the *soft* value's direct term, not the hard one's). In closed form, with ``g = (phi + 1) / 2 - 0.5``,
+  ``y = t - i - 0.5`` and ``g' = dQ_s/dx``::
+
+      dQ/du = ((g - y) + t * (1 - g')) / n
+      dQ/dl = 1 - g' - dQ/du
+
+  so ``dQ/dl + dQ/du + dQ/dx = 1`` (shifting everything shifts the output) and both vanish in the STE limit
+  (``Q_s = x`` no longer depends on the range). At the ends this splits the unit between ``x`` and the bound:
+  at ``x = l``: ``dQ/dl = 1 - c / sinh(c)``, ``dQ/du = 0``; at ``x = u``: ``dQ/du = 1 - c / sinh(c)``, ``dQ/dl = 0``.
+  A clipped point (``x < l``, ``x > u``, ``-inf``, ``+inf``) outputs the bound itself: gradient 1 to that bound,
+  0 to the other and to ``x`` and ``alpha``.
+* ``alpha``: ``dQ_s/dalpha`` for ``x`` in ``[l, u]`` (through ``c`` and ``s``), 0 for clipped points.
+* NaN in ``x``: the element contributes exactly 0 to the gradients of ``x``, ``l``, ``u`` and ``alpha``, even where
+  the incoming gradient is NaN, so one bad element cannot poison the learned range.
+
+Guards (no data-dependent Python branches, so ``torch.compile`` sees one graph):
+
+* ``alpha`` is clamped into ``[ALPHA_EPS, 1 - ALPHA_EPS]`` (its gradient is 0 outside, as ``torch.clamp`` does);
+  ``c`` is computed as ``log1p(2 * (1 - alpha) / alpha)`` to stay accurate near ``alpha = 1``.
+* If ``u - l < min_width`` (a collapsed or inverted range) the forward uses ``[l, l + min_width]``; the gradient
+  computed for that upper bound is given to ``u`` (straight through the guard), so a collapsed range can reopen.
+  A NaN bound is not guarded: the output becomes NaN, so a poisoned parameter shows.
+
+Dtypes: the arithmetic runs in the promotion of ``x``'s, the bounds' and ``alpha``'s dtypes, at least float32
+(bf16/fp16 inputs are upcast); the output is cast back to ``x``'s dtype, so under bf16 it holds each level rounded to
+bf16 (still at most ``2^b`` distinct values). Each gradient is returned in its input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_quant.quantizers.base import check_bits
+
+__all__ = [
+    "ALPHA_EPS",
+    "DEFAULT_MIN_WIDTH",
+    "dsq_centre_slope",
+    "dsq_levels",
+    "dsq_quantize",
+    "dsq_soft",
+]
+
+ALPHA_EPS = 1e-6
+"""``alpha`` is clamped into ``[ALPHA_EPS, 1 - ALPHA_EPS]``: 0 and 1 themselves make ``k`` infinite or zero."""
+
+DEFAULT_MIN_WIDTH = 1e-8
+"""Smallest range width ``u - l`` the forward uses; keeps ``Delta > 0`` for a collapsed range."""
+
+# Below these values of c the closed form of d g / d c cancels catastrophically (two terms ~ 1/c whose difference is
+# ~ c); a three-term series is used instead. Chosen where series truncation and rounding errors cross (~1e-6 relative
+# in float32, ~1e-12 in float64).
+_SERIES_C = {torch.float32: 0.25, torch.float64: 0.03}
+
+Bound = Tensor | float
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    dtype = torch.float32
+    for d in dtypes:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
+
+
+def _as_tensor(value: Bound, x: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    # Python floats are taken at x's precision (at least float32), not rounded through the default dtype.
+    return torch.as_tensor(value, dtype=_compute_dtype(x.dtype), device=x.device)
+
+
+def _sharpness(alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the clamped alpha and ``c = log(2 / alpha - 1)``, accurate near alpha = 1."""
+    a = alpha.clamp(ALPHA_EPS, 1.0 - ALPHA_EPS)
+    return a, torch.log1p(2.0 * (1.0 - a) / a)
+
+
+def _range(lower: Tensor, upper: Tensor, n: int, min_width: float) -> tuple[Tensor, Tensor]:
+    """Return the effective upper bound and the bin width under the collapsed-range guard."""
+    width = upper - lower
+    # `width < min_width` is False for NaN, so a NaN bound flows on into the output instead of being replaced.
+    collapsed = width < min_width
+    upper_eff = torch.where(collapsed, lower + min_width, upper)
+    # The width comes from `min_width` itself, not from `upper_eff - lower`, which is 0 when min_width is below
+    # the spacing of floats around `lower`.
+    delta = torch.where(collapsed, torch.full_like(width, min_width), width) / n
+    return upper_eff, delta
+
+
+def _hard(x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float) -> Tensor:
+    """The exact forward value (no autograd)."""
+    dtype = _compute_dtype(x.dtype, lower.dtype, upper.dtype, alpha.dtype)
+    xc, lo, up = x.to(dtype), lower.to(dtype), upper.to(dtype)
+    n = 2**bits - 1
+    up_eff, delta = _range(lo, up, n, min_width)
+    # maximum/minimum propagate NaN (x and bounds alike); -inf/+inf land on the bounds.
+    t = (torch.minimum(torch.maximum(xc, lo), up_eff) - lo) / delta
+    # sgn(phi) with sgn(0) resolved half-to-even is exactly rounding t (tanh keeps the sign of its argument).
+    idx = torch.round(t).clamp(0, n)
+    # The top level is `u` itself: `l + n * ((u - l) / n)` can miss it by an ulp.
+    q = torch.where(idx >= n, up_eff, lo + idx * delta)
+    shape = torch.broadcast_shapes(q.shape, alpha.shape)
+    if shape != q.shape:
+        # alpha does not change the value, but it takes part in the output shape like any broadcast operand.
+        q = q.expand(shape)
+    return q.to(x.dtype)
+
+
+def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
+    if grad.shape != like.shape:
+        grad = grad.sum_to_size(like.shape)
+    return grad.to(like.dtype)
+
+
+class _DSQFunction(torch.autograd.Function):
+    """Hard value forward, analytic soft-value backward (see the module docstring for every convention)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float) -> Tensor:
+        # Only the inputs are saved; the backward recomputes the bin, which is cheaper than storing it.
+        ctx.save_for_backward(x, lower, upper, alpha)
+        ctx.bits = bits
+        ctx.min_width = min_width
+        return _hard(x, lower, upper, alpha, bits, min_width)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, lower, upper, alpha = ctx.saved_tensors
+        need_x, need_l, need_u, need_a = ctx.needs_input_grad[:4]
+        dtype = _compute_dtype(x.dtype, lower.dtype, upper.dtype, alpha.dtype)
+        xc, lo, up, al = x.to(dtype), lower.to(dtype), upper.to(dtype), alpha.to(dtype)
+        go = grad_out.to(dtype)
+        n = 2**ctx.bits - 1
+        up_eff, delta = _range(lo, up, n, ctx.min_width)
+
+        inside = (xc >= lo) & (xc <= up_eff)  # False for NaN
+        # The `where`s below select, never multiply, so NaN/inf computed for points outside the range could not
+        # leak into the sums for l, u and alpha anyway; the finite stand-in just keeps the arithmetic clean.
+        xs = torch.where(inside, xc, lo)
+        t = (xs - lo) / delta
+        i = torch.floor(t).clamp(0, n - 1)
+        y = t - i - 0.5
+        a, c = _sharpness(al)
+        half_tanh = torch.tanh(0.5 * c)  # = 1 / s = 1 - alpha
+        th = torch.tanh(c * y)
+        sech2 = 1.0 - th * th
+        g = 0.5 * th / half_tanh  # Q_s = l + Delta * (i + 0.5 + g)
+        slope = 0.5 * c * sech2 / half_tanh  # dQ_s/dx
+        zero = torch.zeros((), dtype=dtype, device=go.device)
+
+        grad_x = grad_l = grad_u = grad_a = None
+        if need_x:
+            grad_x = _reduce_to(torch.where(inside, go * slope, zero), x)
+        if need_l or need_u:
+            # (g - y) and (1 - slope) are the small deviations from the identity; grouping them avoids the
+            # cancellation of (i + 0.5 + g) - slope * t at high bit widths.
+            d_up = ((g - y) + t * (1.0 - slope)) / n
+            if need_u:
+                above = xc > up_eff
+                grad_u = _reduce_to(torch.where(inside, go * d_up, torch.where(above, go, zero)), upper)
+            if need_l:
+                below = xc < lo
+                grad_l = _reduce_to(torch.where(inside, go * (1.0 - slope - d_up), torch.where(below, go, zero)), lower)
+        if need_a:
+            grad_a = _reduce_to(torch.where(inside, go * delta * _dg_dc(g, y, c), zero) * _dc_dalpha(al, a), alpha)
+        return grad_x, grad_l, grad_u, grad_a, None, None
+
+
+def _dg_dc(g: Tensor, y: Tensor, c: Tensor) -> Tensor:
+    """``d g / d c`` for ``g = 0.5 * tanh(c y) / tanh(c / 2)``, stable for small ``c``.
+
+    ``d log g / d c = (h(2 c y) - h(c)) / c`` with ``h(z) = z / sinh(z)``; for small ``c`` the difference is the
+    series ``c^2 (1 - 4y^2) / 6 - 7 c^4 (1 - 16 y^4) / 360 + 31 c^6 (1 - 64 y^6) / 15120``.
+    """
+    threshold = _SERIES_C.get(c.dtype, 0.25)
+    small = c < threshold
+    c_big = torch.where(small, torch.full_like(c, threshold), c)  # keeps the unused branch finite
+    z = 2.0 * c_big * y
+    z_safe = torch.where(z == 0, torch.ones_like(z), z)
+    h_z = torch.where(z == 0, torch.ones_like(z), z_safe / torch.sinh(z_safe))
+    exact = g * (h_z - c_big / torch.sinh(c_big)) / c_big
+    y2 = y * y
+    c2 = c * c
+    series = (1 - 4 * y2) / 6 - 7 * c2 * (1 - 16 * y2 * y2) / 360 + 31 * c2 * c2 * (1 - 64 * y2**3) / 15120
+    series_d_over_c = c * series
+    return torch.where(small, g * series_d_over_c, exact)
+
+
+def _dc_dalpha(alpha: Tensor, clamped: Tensor) -> Tensor:
+    """``d c / d alpha = -2 / (alpha (2 - alpha))`` inside the clamp, 0 outside (as ``torch.clamp`` does)."""
+    in_range = (alpha >= ALPHA_EPS) & (alpha <= 1.0 - ALPHA_EPS)
+    return torch.where(in_range, -2.0 / (clamped * (2.0 - clamped)), torch.zeros_like(clamped))
+
+
+def dsq_quantize(
+    x: Tensor,
+    lower: Bound,
+    upper: Bound,
+    alpha: Bound,
+    bits: int,
+    min_width: float = DEFAULT_MIN_WIDTH,
+) -> Tensor:
+    """DSQ fake quantization: the exact hard levels forward, the soft curve's gradient backward.
+
+    Differentiable with respect to ``x``, ``lower``, ``upper`` and ``alpha``; the conventions (boundaries, bin
+    centres, the gradients of the bounds, NaN and inf) are listed in the module docstring.
+
+    Args:
+        x: Input of any shape and floating dtype.
+        lower: Lower bound ``l``: a 0-d tensor, a tensor broadcastable to ``x`` (e.g. per channel) or a float.
+        upper: Upper bound ``u``, same forms.
+        alpha: Characteristic variable in ``(0, 1)``, same forms; clamped into ``[ALPHA_EPS, 1 - ALPHA_EPS]``.
+        bits: Bit width, an int in 1..16 (``2^bits`` levels).
+        min_width: Smallest range width used by the forward when ``upper - lower`` is smaller.
+
+    Returns:
+        The quantized tensor, in ``x``'s dtype, of the broadcast shape of the inputs.
+
+    Raises:
+        ValueError: If ``bits`` is not an int in 1..16 or ``min_width`` is not a finite number > 0.
+    """
+    check_bits(bits, "bits")
+    _check_min_width(min_width)
+    lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
+    return _DSQFunction.apply(x, lo, up, al, bits, float(min_width))
+
+
+def dsq_soft(
+    x: Tensor,
+    lower: Bound,
+    upper: Bound,
+    alpha: Bound,
+    bits: int,
+    min_width: float = DEFAULT_MIN_WIDTH,
+) -> Tensor:
+    """The soft value ``Q_s`` (``l`` below the range, ``u`` above), built from ordinary differentiable ops.
+
+    Its autograd gradient is, by construction, what :func:`dsq_quantize` backpropagates; it serves as an
+    independent check of that analytic backward and for plots of the curve. NaN in ``x`` passes through with zero
+    gradient to the bounds, as in :func:`dsq_quantize`.
+
+    Args:
+        x: Input of any shape and floating dtype.
+        lower: Lower bound ``l`` (tensor or float).
+        upper: Upper bound ``u`` (tensor or float).
+        alpha: Characteristic variable in ``(0, 1)`` (tensor or float).
+        bits: Bit width, an int in 1..16.
+        min_width: Smallest range width, as in :func:`dsq_quantize`.
+
+    Returns:
+        ``Q_s(x)`` in the compute dtype (the promotion of the inputs' dtypes, at least float32).
+
+    Raises:
+        ValueError: If ``bits`` is not an int in 1..16 or ``min_width`` is not a finite number > 0.
+    """
+    check_bits(bits, "bits")
+    _check_min_width(min_width)
+    lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
+    dtype = _compute_dtype(x.dtype, lo.dtype, up.dtype, al.dtype)
+    xc, lo, up, al = x.to(dtype), lo.to(dtype), up.to(dtype), al.to(dtype)
+    n = 2**bits - 1
+    # Same guard as the forward, with the gradient passed straight through it to `upper` (values from the guard,
+    # gradients as if Delta = (u - l) / n), matching the analytic backward.
+    up_guard, delta_guard = _range(lo.detach(), up.detach(), n, min_width)
+    up_eff = up + (up_guard - up).detach()
+    delta_raw = (up - lo) / n
+    delta = delta_raw + (delta_guard - delta_raw).detach()
+
+    inside = (xc >= lo) & (xc <= up_eff)
+    xs = torch.where(inside, xc, lo)
+    t = (xs - lo) / delta
+    i = torch.floor(t.detach()).clamp(0, n - 1)
+    centre = lo + (i + 0.5) * delta
+    _, c = _sharpness(al)
+    k = c / delta
+    s = 1.0 / torch.tanh(0.5 * c)
+    phi = s * torch.tanh(k * (xs - centre))
+    q_soft = lo + delta * (i + (phi + 1.0) / 2.0)
+    clipped = torch.where(xc < lo, lo, up_eff)
+    out = torch.where(inside, q_soft, clipped)
+    return torch.where(torch.isnan(xc), xc, out)
+
+
+def dsq_levels(lower: Bound, upper: Bound, bits: int) -> Tensor:
+    """The ``2^bits`` levels the forward can emit for a 0-d range (for logging and plots).
+
+    Args:
+        lower: Lower bound ``l``.
+        upper: Upper bound ``u`` (assumed ``>= lower + DEFAULT_MIN_WIDTH``).
+        bits: Bit width, an int in 1..16.
+
+    Returns:
+        A 1-d tensor ``[l, l + Delta, ..., u]``, computed exactly as the forward computes them.
+
+    Raises:
+        ValueError: If ``bits`` is not an int in 1..16.
+    """
+    check_bits(bits, "bits")
+    lo = torch.as_tensor(lower, dtype=torch.float64 if not isinstance(lower, Tensor) else None)
+    up = torch.as_tensor(upper, dtype=lo.dtype, device=lo.device)
+    n = 2**bits - 1
+    up_eff, delta = _range(lo.detach(), up.detach(), n, DEFAULT_MIN_WIDTH)
+    idx = torch.arange(n + 1, dtype=lo.dtype, device=lo.device)
+    return torch.where(idx >= n, up_eff, lo.detach() + idx * delta)
+
+
+def dsq_centre_slope(alpha: float) -> float:
+    """The slope ``dQ_s/dx`` at a bin centre, ``0.5 * s * log(2 / alpha - 1)`` (independent of the range and bits).
+
+    Args:
+        alpha: Characteristic variable in ``(0, 1)``.
+
+    Returns:
+        The slope (1 in the STE limit alpha -> 1, growing without bound as alpha -> 0).
+
+    Raises:
+        ValueError: If ``alpha`` is not in ``(0, 1)``.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+        raise ValueError(f"`alpha` must be a float in the open interval (0, 1), got {alpha!r}.")
+    c = math.log1p(2.0 * (1.0 - alpha) / alpha)
+    return 0.5 * c / math.tanh(0.5 * c)
+
+
+def _check_min_width(min_width: object) -> None:
+    ok = isinstance(min_width, (int, float)) and not isinstance(min_width, bool)
+    if not ok or not math.isfinite(min_width) or min_width <= 0:
+        raise ValueError(f"`min_width` must be a finite number > 0, got {min_width!r}.")
