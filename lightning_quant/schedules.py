@@ -141,4 +141,6 @@ def as_schedule(value: float | Schedule, name: str) -> Schedule:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a number or a lightning_quant.schedules.Schedule, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     return ConstantSchedule(float(value))

@@ -40,7 +40,9 @@ class _PACTFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         (code,) = ctx.saved_tensors
         grad_x = grad * (code == 1).to(grad.dtype)
-        grad_alpha = (grad * (code == 2).to(grad.dtype)).sum().to(ctx.alpha_dtype).reshape(ctx.alpha_shape)
+        # Summed in float32 at least: a bf16 sum over a large tensor would lose the low bits of alpha's gradient.
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        grad_alpha = (grad.to(acc) * (code == 2).to(acc)).sum().to(ctx.alpha_dtype).reshape(ctx.alpha_shape)
         return grad_x, grad_alpha, None
 
 

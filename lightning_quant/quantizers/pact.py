@@ -33,7 +33,11 @@ class PACTActivation(ActivationQuantizer):
         self.alpha = nn.Parameter(torch.full((num_sites,), float(alpha_init)))
 
     def quantize(self, x: Tensor, site: int) -> Tensor:
-        return pact_quantize(x, self.alpha[site].clamp_min(MIN_ALPHA), self.bits)
+        alpha = self.alpha[site]
+        # Clamped with a straight-through gradient: an alpha pushed below MIN_ALPHA (by weight decay) can come back.
+        # `MIN_ALPHA + (alpha - alpha.detach())` is exactly MIN_ALPHA in value, with gradient 1.
+        alpha = torch.where(alpha >= MIN_ALPHA, alpha, MIN_ALPHA + (alpha - alpha.detach()))
+        return pact_quantize(x, alpha, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, num_sites={self.num_sites}"

@@ -1,0 +1,206 @@
+"""Test accuracy of the demo CNN under every method, on digits and MNIST-5k, as a markdown table.
+
+Not a test: it trains ~23 configurations x seeds x data sets (about 25 minutes on 2 CPU cores for the defaults).
+Every row uses the same model (DemoCNN), data split, optimizer (Adam, lr 1e-3), batch size and epochs; only the
+quantization differs. Rows:
+
+* FP32: no quantization.
+* PACT WkAk: PACTCallback(act_bits=k, weight_bits=k) with the defaults (first and last layers float).
+* PACT WkAk, fixed clip: the same, with every alpha frozen at its start (no learning): what learning the clip buys.
+* torch.ao WkAk: torch.ao's eager QAT (``prepare_qat``; FakeQuantize with moving-average min/max observers,
+  ``quant_min``/``quant_max`` set for k bits) on the same places: the ReLU outputs and the weights of the middle
+  layers; the reference implementation most users would reach for.
+* DSQ k-bit / STE k-bit: DSQCallback(act_bits=k, weight_bits=k) with the temperature annealed 0.4 -> 0.05
+  (cosine); the STE row is the same quantizer with the temperature at 1 - 1e-6, where DSQ's backward is the
+  straight-through estimator: the rows differ in the gradient only.
+* QuantNoise intk (p = 0.5) vs QAT intk (p = 1, every weight quantized every step): QuantNoiseCallback, scalar mode,
+  weights only, every layer.
+
+Usage::
+
+    python benchmarks/accuracy.py                                  # everything, 2 seeds, writes the table
+    python benchmarks/accuracy.py --datasets digits --seeds 0 --groups pact   # a quick subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_quant import DSQCallback, PACTCallback, QuantNoiseCallback
+from lightning_quant.demos import DemoCNN, DigitsDataModule, MNIST5kDataModule
+from lightning_quant.quantizers.pact import PACTActivation
+from lightning_quant.schedules import CosineSchedule
+
+DATASETS = {"digits": (DigitsDataModule, 8), "mnist5k": (MNIST5kDataModule, 28)}
+
+
+class FreezeClips(L.Callback):
+    """Freezes every PACT alpha at its initial value (the fixed-clip baseline)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, PACTActivation):
+                module.alpha.requires_grad_(False)
+
+
+def torch_ao_qat(model: DemoCNN, bits: int) -> None:
+    """torch.ao QAT on the places PACT quantizes: middle-layer weights and the ReLU outputs feeding them.
+
+    ``prepare_qat`` swaps the middle Conv/Linear layers for torch.ao's QAT modules (weight FakeQuantize). Eager-mode
+    ``prepare`` does not observe ``nn.ReLU`` outputs (fusion and QuantStubs are expected), so each quantized ReLU is
+    followed by a torch.ao ``FakeQuantize`` module directly.
+    """
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, QConfig, prepare_qat
+
+    activation = FakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2**bits - 1, dtype=torch.quint8
+    )
+    weight = FakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver,
+        quant_min=-(2 ** (bits - 1)),
+        quant_max=2 ** (bits - 1) - 1,
+        dtype=torch.qint8,
+        qscheme=torch.per_tensor_symmetric,
+    )
+    for name in ("conv2", "conv3", "fc1"):
+        getattr(model, name).qconfig = QConfig(activation=activation, weight=weight)
+    prepare_qat(model, inplace=True)
+    for name in ("conv2", "conv3", "fc1"):
+        # prepare also fake-quantizes these layers' outputs; PACT does not (BatchNorm follows), so neither do we.
+        getattr(model, name).activation_post_process = nn.Identity()
+    for name in ("relu1", "relu2", "relu3"):
+        setattr(model, name, nn.Sequential(nn.ReLU(), activation()))
+
+
+def rows(bits_list: list[int], groups: set[str]) -> list[tuple[str, str, Callable[[], list], Callable | None]]:
+    """(group, label, callbacks factory, model transform) for every row."""
+    out: list[tuple[str, str, Callable[[], list], Callable | None]] = [("fp32", "FP32", lambda: [], None)]
+    if "pact" in groups:
+        for k in bits_list:
+            out.append(("pact", f"PACT W{k}A{k}", lambda k=k: [PACTCallback(k, k, verbose=False)], None))
+        for k in bits_list:
+            out.append(
+                (
+                    "pact",
+                    f"PACT W{k}A{k}, fixed clip",
+                    lambda k=k: [PACTCallback(k, k, verbose=False), FreezeClips()],
+                    None,
+                )
+            )
+        for k in bits_list:
+            out.append(("pact", f"torch.ao QAT W{k}A{k}", lambda: [], lambda m, k=k: torch_ao_qat(m, k)))
+    if "dsq" in groups:
+        for k in (4, 3, 2):
+            anneal = CosineSchedule(0.4, 0.05)
+            out.append(("dsq", f"DSQ W{k}A{k}", lambda k=k, s=anneal: [DSQCallback(k, k, s, verbose=False)], None))
+        for k in (4, 3, 2):
+            out.append(
+                ("dsq", f"STE W{k}A{k} (DSQ grid)", lambda k=k: [DSQCallback(k, k, 1 - 1e-6, verbose=False)], None)
+            )
+    if "quant_noise" in groups:
+        for k in (8, 4):
+            out.append(
+                (
+                    "quant_noise",
+                    f"QuantNoise int{k} (p=0.5)",
+                    lambda k=k: [QuantNoiseCallback(k, p=0.5, verbose=False)],
+                    None,
+                )
+            )
+            out.append(
+                (
+                    "quant_noise",
+                    f"QAT int{k} (QuantNoise p=1)",
+                    lambda k=k: [QuantNoiseCallback(k, p=1.0, verbose=False)],
+                    None,
+                )
+            )
+    return out
+
+
+def run_one(dataset: str, seed: int, epochs: int, callbacks: list, transform: Callable | None) -> float:
+    data_cls, size = DATASETS[dataset]
+    L.seed_everything(seed, workers=True, verbose=False)
+    data = data_cls(batch_size=64, seed=seed)
+    model = DemoCNN(in_channels=1, num_classes=10, input_size=size, lr=1e-3)
+    if transform is not None:
+        transform(model)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(model, datamodule=data)
+    (result,) = trainer.test(model, datamodule=data, verbose=False)
+    return float(result["test/acc"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"], choices=sorted(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--bits", nargs="+", type=int, default=[8, 4, 3, 2])
+    parser.add_argument("--groups", nargs="+", default=["pact", "dsq", "quant_noise"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.md"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    table = rows(args.bits, set(args.groups))
+    results: dict[str, dict[str, list[float]]] = {}
+    raw_path = args.out.with_suffix(".json")
+    for dataset in args.datasets:
+        for _group, label, make_callbacks, transform in table:
+            accs = []
+            for seed in args.seeds:
+                start = time.perf_counter()
+                acc = run_one(dataset, seed, args.epochs, make_callbacks(), transform)
+                accs.append(acc)
+                print(
+                    f"{dataset:8s} {label:32s} seed {seed}: {100 * acc:6.2f}  ({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+            results.setdefault(label, {})[dataset] = accs
+            raw_path.parent.mkdir(parents=True, exist_ok=True)
+            raw_path.write_text(json.dumps(results, indent=1))
+
+    lines = [
+        f"Test accuracy (%), DemoCNN, Adam lr 1e-3, batch 64, {args.epochs} epochs, mean of seeds {args.seeds}"
+        " (min-max in brackets). Command: `python benchmarks/accuracy.py "
+        + " ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in (("datasets", args.datasets), ("seeds", args.seeds), ("epochs", args.epochs))
+        )
+        + "`",
+        "",
+        "| row | " + " | ".join(args.datasets) + " |",
+        "|---|" + "---|" * len(args.datasets),
+    ]
+    for label, per_dataset in results.items():
+        cells = []
+        for dataset in args.datasets:
+            accs = [100 * a for a in per_dataset.get(dataset, [])]
+            cells.append(f"{statistics.mean(accs):.2f} ({min(accs):.1f}-{max(accs):.1f})" if accs else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
