@@ -42,7 +42,7 @@ def inject_from_checkpoint(model: M, checkpoint: dict[str, Any]) -> M:
         )
     entry = checkpoint[CHECKPOINT_KEY]
     config = config_from_dict(entry["config"])
-    plan = inject_quantizers(model, config, warn=False)
+    plan = inject_quantizers(model, config, warn=False, example_input=getattr(model, "example_input_array", None))
     saved = QuantizationPlan.from_dict(entry["plan"])
     if plan.structure() != saved.structure():
         raise ValueError(

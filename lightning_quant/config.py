@@ -87,7 +87,7 @@ class PACTConfig(QuantConfig):
 
     def make_activation(self, original: nn.Module, num_sites: int, bits: int) -> ActivationQuantizer:
         alpha = min(self.alpha_init, 6.0) if isinstance(original, nn.ReLU6) else self.alpha_init
-        return PACTActivation(bits, num_sites=num_sites, alpha_init=alpha)
+        return PACTActivation(bits, num_sites=num_sites, alpha_init=alpha, relu6=isinstance(original, nn.ReLU6))
 
     def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
         return DoReFaWeight(bits)

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_quant.config import QuantConfig
@@ -55,9 +56,17 @@ class PlanEntry:
     sites: int = 1
     quantizer: str = ""
     reason: str = ""
+    site_bits: list[int | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        data["site_bits"] = None if self.site_bits is None else list(self.site_bits)
+        return data
+
+    def bits_text(self) -> str:
+        if self.site_bits is not None:
+            return ",".join("float" if b is None else str(b) for b in self.site_bits)
+        return "float" if self.bits is None else str(self.bits)
 
 
 @dataclass
@@ -66,34 +75,43 @@ class QuantizationPlan:
 
     entries: list[PlanEntry] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: How "first" and "last" were found: ``"execution"`` (a dry run on ``example_input``) or ``"registration"``.
+    order: str = "registration"
 
     @property
     def quantized(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.bits is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"entries": [e.to_dict() for e in self.entries], "warnings": list(self.warnings)}
+        return {
+            "entries": [e.to_dict() for e in self.entries],
+            "warnings": list(self.warnings),
+            "order": self.order,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizationPlan:
-        return cls([PlanEntry(**e) for e in data["entries"]], list(data.get("warnings", [])))
+        entries = [PlanEntry(**e) for e in data["entries"]]
+        return cls(entries, list(data.get("warnings", [])), data.get("order", "registration"))
 
     def structure(self) -> list[tuple]:
-        """What decides the model's parameter layout (used to check a checkpoint against a model)."""
-        return [(e.name, e.kind, e.bits is not None, e.sites) for e in self.entries]
+        """What decides the model's parameter layout and numerics (used to check a checkpoint against a model)."""
+        return [(e.name, e.kind, e.bits, e.sites, e.site_bits) for e in self.entries]
 
     def format(self, title: str = "lightning_quant plan") -> str:
         """A table: one row per place, in registration order, saying what it is quantized to and why."""
         rows = [("module", "what", "bits", "quantizer", "note")]
         for e in self.entries:
             what = "weight" if e.kind == "weight" else f"output ({e.sites} site{'s' if e.sites > 1 else ''})"
-            rows.append((e.name, what, "float" if e.bits is None else str(e.bits), e.quantizer, e.reason))
+            rows.append((e.name, what, e.bits_text(), e.quantizer, e.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [title] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.append(
-            "  (an activation's output is the input of the layers registered after it; the model's own input and"
-            " functional activations stay float)"
+        how = (
+            "found by a dry run on example_input_array"
+            if self.order == "execution"
+            else "by module registration order (set `example_input_array` on the model for execution order)"
         )
+        lines.append(f"  (first/last layers {how}; the model's own input and functional activations stay float)")
         return "\n".join(lines)
 
 
@@ -214,7 +232,101 @@ def _check_skip(model: nn.Module, patterns: tuple[str, ...]) -> None:
             )
 
 
-def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) -> QuantizationPlan:
+@dataclass
+class _Event:
+    name: str
+    kind: str  # "activation" or "weight"
+    site: int = 0
+
+
+def _call_model(model: nn.Module, example_input: Any) -> None:
+    if isinstance(example_input, dict):
+        model(**example_input)
+    elif isinstance(example_input, (tuple, list)):
+        model(*example_input)
+    else:
+        model(example_input)
+
+
+def _execution_order(
+    model: nn.Module, activation_slots: list[tuple[str, int]], weight_slots: list[str], example_input: Any
+) -> list[_Event]:
+    """The order in which the activation call sites and weight layers run on ``example_input``.
+
+    The dry run is in eval mode under ``no_grad`` (no BatchNorm statistics move) and every mode is restored after.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    events: list[_Event] = []
+    by_module: dict[int, list[tuple[str, str, int]]] = {}
+    for name, sites in activation_slots:
+        by_module.setdefault(id(modules[name]), []).append((name, "activation", sites))
+    for name in weight_slots:
+        by_module.setdefault(id(modules[name]), []).append((name, "weight", 1))
+    calls: dict[int, int] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        slots = by_module[id(module)]
+        k = calls.get(id(module), 0)
+        calls[id(module)] = k + 1
+        if len(slots) == 1:
+            name, kind, sites = slots[0]
+            events.append(_Event(name, kind, k % sites))
+        else:  # one instance in several slots (an nn.Sequential holding the same ReLU twice): one site each
+            name, kind, _ = slots[k % len(slots)]
+            events.append(_Event(name, kind, 0))
+
+    seen: set[int] = set()
+    handles = []
+    for name, _ in activation_slots:
+        module = modules[name]
+        if id(module) not in seen:
+            seen.add(id(module))
+            handles.append(module.register_forward_pre_hook(hook))
+    for name in weight_slots:
+        module = modules[name]
+        if id(module) not in seen:
+            seen.add(id(module))
+            handles.append(module.register_forward_pre_hook(hook))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return events
+
+
+def _edges_by_execution(events: list[_Event]) -> tuple[str | None, str | None, dict[tuple[str, int], str]] | None:
+    """First layer, last layer and the edge role of each activation site, from a dry run's events."""
+    weight_positions = [i for i, e in enumerate(events) if e.kind == "weight"]
+    if not weight_positions:
+        return None
+    first, last_at = weight_positions[0], weight_positions[-1]
+    last_name = events[last_at].name
+    before_last = [i for i in weight_positions if i < last_at and events[i].name != last_name]
+    feeds_last_from = before_last[-1] if before_last else -1
+    roles: dict[tuple[str, int], set[str]] = {}
+    for i, event in enumerate(events):
+        if event.kind != "activation":
+            continue
+        role = ""
+        if feeds_last_from < i < last_at:
+            role = "feeds the last layer"
+        elif i < first:
+            role = "before the first layer"
+        roles.setdefault((event.name, event.site), set()).add(role)
+    # A site that also feeds a middle layer somewhere (a loop, a shared block) is quantized.
+    edges = {key: "" if "" in found else sorted(found)[0] for key, found in roles.items()}
+    return events[first].name, last_name, edges
+
+
+def inject_quantizers(
+    model: nn.Module, config: QuantConfig, warn: bool = True, example_input: Any = None
+) -> QuantizationPlan:
     """Swap quantizers into ``model`` in place, as ``config`` says; calling it again is a no-op.
 
     Call it before an optimizer is built over ``model.parameters()`` (the callbacks call it in ``setup``), so the new
@@ -224,6 +336,9 @@ def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) 
         model: Any ``nn.Module``; its own Parameters are kept (same objects, same names).
         config: The recipe, e.g. ``PACTConfig(act_bits=4, weight_bits=4)``.
         warn: Emit the plan's warnings with :func:`warnings.warn` (the callbacks emit them on rank zero instead).
+        example_input: An input for one dry forward pass (a LightningModule's ``example_input_array``; a tuple is
+            unpacked, a dict passed as keywords). With it, "first layer", "last layer" and "feeds the last layer"
+            follow execution order, per call site; without it, module registration order, per module.
 
     Returns:
         The plan: every place considered, with its bits, call sites and the reason when it stays float.
@@ -246,12 +361,45 @@ def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) 
     slots = _slots(model)
     weight_slots = [s for s in slots if type(s[3]) in config.weight_types and type(s[3]) in QUANTIZED_TWINS]
     weight_names = [s[0] for s in weight_slots]
+    activation_slots = [
+        (name, 1 if isinstance(parent, _CONTAINERS) else (count_call_sites(parent, attr) or 1))
+        for name, parent, attr, child in slots
+        if type(child) in config.activation_types and not isinstance(parent, ActivationQuantizer)
+    ]
+    sites_of = dict(activation_slots)
+
+    order_used = "registration"
+    edges_of: dict[tuple[str, int], str] = {}
     first_weight = weight_names[0] if weight_names else None
     last_weight = weight_names[-1] if weight_names else None
-    order = {name: i for i, (name, *_rest) in enumerate(slots)}
-    # Activations registered after the second-to-last weight layer feed the last layer (registration order).
-    last_input_from = order[weight_names[-2]] if len(weight_names) >= 2 else -1
-    first_order = order[first_weight] if first_weight else -1
+    if example_input is not None and config.first_last != "quantize":
+        found = None
+        try:
+            found = _edges_by_execution(_execution_order(model, activation_slots, weight_names, example_input))
+        except Exception as err:  # a dry run that fails must not stop training: fall back, and say so
+            warnings_out = f"{type(model).__name__}: the dry run on example_input failed ({err!r}); first/last"
+            warnings_out += " layers follow registration order instead."
+            pending_warnings = [warnings_out]
+        else:
+            pending_warnings = []
+        if found is not None:
+            first_weight, last_weight, edges_of = found
+            order_used = "execution"
+    else:
+        pending_warnings = []
+    if order_used == "registration":
+        order = {name: i for i, (name, *_rest) in enumerate(slots)}
+        # Activations registered after the second-to-last weight layer feed the last layer.
+        last_input_from = order[weight_names[-2]] if len(weight_names) >= 2 else -1
+        first_order = order[first_weight] if first_weight else -1
+        for name, sites in activation_slots:
+            edge = ""
+            if order[name] > last_input_from >= 0:
+                edge = "feeds the last layer"
+            elif order[name] < first_order:
+                edge = "before the first layer"
+            for site in range(sites):
+                edges_of[(name, site)] = edge
 
     def policy_bits(bits: int | None, edge: str) -> tuple[int | None, str]:
         if bits is None or not edge or config.first_last == "quantize":
@@ -260,7 +408,8 @@ def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) 
             return max(bits, 8), edge
         return None, edge
 
-    plan = QuantizationPlan()
+    plan = QuantizationPlan(order=order_used)
+    plan.warnings.extend(pending_warnings)
     twins: dict[int, nn.Module] = {}
     reset_hooks: dict[int, tuple[nn.Module, list[str]]] = {}
     for name, parent, attr, child in slots:
@@ -270,19 +419,33 @@ def inject_quantizers(model: nn.Module, config: QuantConfig, warn: bool = True) 
             if _skipped(name, config.skip):
                 plan.entries.append(PlanEntry(name, "activation", None, reason="skip"))
                 continue
-            sites = 1 if isinstance(parent, _CONTAINERS) else (count_call_sites(parent, attr) or 1)
-            edge = ""
-            if order[name] > last_input_from >= 0:
-                edge = "feeds the last layer"
-            elif order[name] < first_order:
-                edge = "before the first layer"
-            bits, reason = policy_bits(config.act_bits, edge)
-            if bits is None:
+            sites = sites_of[name]
+            per_site = [policy_bits(config.act_bits, edges_of.get((name, site), "")) for site in range(sites)]
+            site_bits = [bits for bits, _ in per_site]
+            reasons = sorted({reason for _, reason in per_site if reason})
+            reason = "; ".join(f"site {i}: {r}" for i, (_, r) in enumerate(per_site) if r) if sites > 1 else ""
+            reason = reason or (reasons[0] if reasons else "")
+            if all(bits is None for bits in site_bits):
                 plan.entries.append(PlanEntry(name, "activation", None, sites, reason=reason or "act_bits=None"))
                 continue
+            mixed = len(set(site_bits)) > 1
+            bits = max(b for b in site_bits if b is not None)
             quantizer = config.make_activation(child, sites, bits).train(child.training)
+            if mixed:
+                quantizer.set_site_bits(site_bits)
             setattr(parent, attr, quantizer)
-            plan.entries.append(PlanEntry(name, "activation", bits, sites, type(quantizer).__name__, reason))
+            entry_bits = bits
+            plan.entries.append(
+                PlanEntry(
+                    name,
+                    "activation",
+                    entry_bits,
+                    sites,
+                    type(quantizer).__name__,
+                    reason,
+                    site_bits=site_bits if mixed else None,
+                )
+            )
             if sites > 1:
                 reset_hooks.setdefault(id(parent), (parent, []))[1].append(attr)
         elif type(child) in config.weight_types and type(child) in QUANTIZED_TWINS:

@@ -379,3 +379,31 @@ def test_first_last_float_is_the_papers_layout(tmp_path):
     bits = {e.name: e.bits for e in cb.plan.entries}
     assert bits == {"fc1": None, "relu1": 4, "fc2": 4, "relu2": None, "fc3": None}
     assert isinstance(model.relu2, nn.ReLU) and isinstance(model.relu1, PACTActivation)
+
+
+class ResidualNet(Net):
+    """A shared `self.relu` called twice, the second call feeding the last layer; sets example_input_array."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.example_input_array = torch.zeros(2, 8)
+
+    def forward(self, x):
+        h = self.relu(self.fc1(x))
+        return self.fc3(self.relu(self.fc2(h) + h))
+
+
+def test_execution_order_keeps_the_last_layers_input_float_and_survives_reload(tmp_path):
+    torch.manual_seed(0)
+    model = ResidualNet()
+    cb = PACTCallback(act_bits=2, weight_bits=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(tmp_path, [cb, ckpt], enable_checkpointing=True).fit(model)
+    assert cb.plan.order == "execution"
+    assert model.relu.site_bits == (2, None)  # site 0 feeds fc2, site 1 feeds fc3 (the last layer)
+    loaded = load_from_checkpoint(ResidualNet, tmp_path / "last.ckpt")
+    assert loaded.relu.site_bits == (2, None)
+    model.eval()
+    x = torch.randn(16, 8)
+    assert torch.equal(loaded(x), model(x))

@@ -496,16 +496,17 @@ def test_transformer_encoder_quantized_weights_apply_at_inference(stack: bool) -
     assert not torch.allclose(inference, float_output, atol=1e-2)  # the 2-bit weights are in use
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: first_last='float' decides 'feeds the last layer' by registration order; a ResNet block's shared "
-    "self.relu is registered before block.conv2, so its second call site, whose output reaches fc through the "
-    "pool, is quantized (surgery.py, inject_quantizers, `last_input_from`).",
-)
 def test_float_policy_keeps_the_input_of_the_last_layer_float_in_a_resnet() -> None:
     torch.manual_seed(0)
     model = TinyResNet()
-    inject_quantizers(model, PACTConfig(act_bits=2, weight_bits=4, first_last="float"))
+    plan = inject_quantizers(
+        model, PACTConfig(act_bits=2, weight_bits=4, first_last="float"), example_input=image(5, n=2)
+    )
+    assert plan.order == "execution"
+    # The block's relu: site 0 feeds block.conv2 (quantized), site 1 feeds fc through the pool (float).
+    assert model.block.relu.site_bits == (2, None)
+    entry = next(e for e in plan.entries if e.name == "block.relu")
+    assert entry.bits_text() == "2,float" and "site 1: feeds the last layer" in entry.reason
     captured: list[Tensor] = []
     model.block.register_forward_hook(lambda module, args, output: captured.append(output.detach()))
     model.eval()
@@ -513,3 +514,30 @@ def test_float_policy_keeps_the_input_of_the_last_layer_float_in_a_resnet() -> N
         model(image(5, n=8))
     # The block's output is what the pool averages into fc. A float ReLU output takes far more than 2**2 values.
     assert captured[0].unique().numel() > 2**2
+
+
+def test_registration_order_without_example_input_quantizes_the_whole_shared_relu() -> None:
+    """Without a dry run the policy is per module (documented): the shared relu is quantized at both sites."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    plan = inject_quantizers(model, PACTConfig(act_bits=2, weight_bits=4, first_last="float"))
+    assert plan.order == "registration" and model.block.relu.site_bits is None
+    assert "registration order" in plan.format()
+
+
+def test_dry_run_leaves_batchnorm_statistics_and_modes_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    model.train()
+    before = model[1].running_mean.clone()
+    plan = inject_quantizers(model, PACTConfig(act_bits=4, first_last="8bit"), example_input=torch.randn(2, 1, 8, 8))
+    assert plan.order == "execution"
+    assert torch.equal(model[1].running_mean, before) and model.training and model[1].training
+    assert {e.name: e.bits_text() for e in plan.entries} == {"0": "8", "2": "8", "4": "8"}
+
+
+def test_failing_dry_run_falls_back_with_a_warning() -> None:
+    model = TinyResNet()
+    with pytest.warns(UserWarning, match="dry run on example_input failed"):
+        plan = inject_quantizers(model, PACTConfig(act_bits=4), example_input=torch.randn(2, 7))
+    assert plan.order == "registration"

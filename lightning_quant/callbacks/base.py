@@ -146,7 +146,8 @@ class QuantizationCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_strategy(trainer)
-        self.plan = inject_quantizers(pl_module, self.config, warn=False)
+        example = getattr(pl_module, "example_input_array", None)
+        self.plan = inject_quantizers(pl_module, self.config, warn=False, example_input=example)
         if not self._warned:
             self._warned = True
             for message in self.plan.warnings:

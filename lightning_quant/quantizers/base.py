@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -37,6 +38,25 @@ class ActivationQuantizer(nn.Module):
         self.num_sites = num_sites
         # A plain int, not a buffer: it is bookkeeping for the current forward, never state worth saving.
         self._next_site = 0
+        #: Per-site bit widths when they differ from ``self.bits`` (None in the tuple: that site stays float).
+        self.site_bits: tuple[int | None, ...] | None = None
+
+    def set_site_bits(self, site_bits: Sequence[int | None]) -> None:
+        """Give each call site its own bit width; None keeps a site float (e.g. the input of the last layer).
+
+        Raises:
+            ValueError: If the length is not ``num_sites`` or a width is not an int in 1..16.
+        """
+        site_bits = tuple(site_bits)
+        if len(site_bits) != self.num_sites:
+            raise ValueError(f"`site_bits` needs {self.num_sites} entries, got {site_bits!r}.")
+        for bits in site_bits:
+            check_bits(bits, "site_bits", allow_none=True)
+        self.site_bits = site_bits
+
+    def bits_at(self, site: int) -> int | None:
+        """Bit width of one call site (None: float)."""
+        return self.bits if self.site_bits is None else self.site_bits[site]
 
     def reset_sites(self) -> None:
         """Start counting call sites from the first one again (called before each parent forward)."""
@@ -45,17 +65,22 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.num_sites == 1:
             # The common case touches no Python state, so `torch.compile` sees a pure function.
-            return self.quantize(x, 0)
-        site = self._next_site
-        # Wrapping (instead of raising) keeps a loop over one call site on that site's values.
-        self._next_site = (site + 1) % self.num_sites
+            site = 0
+        else:
+            site = self._next_site
+            # Wrapping (instead of raising) keeps a loop over one call site on that site's values.
+            self._next_site = (site + 1) % self.num_sites
+        if self.site_bits is not None and self.site_bits[site] is None:
+            return F.relu6(x) if getattr(self, "relu6", False) else F.relu(x)
         return self.quantize(x, site)
 
     def quantize(self, x: Tensor, site: int) -> Tensor:  # pragma: no cover - abstract
+        """Quantize ``x`` at call site ``site``, with ``self.bits_at(site)`` bits."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"num_sites={self.num_sites}"
+        sites = f"num_sites={self.num_sites}"
+        return sites if self.site_bits is None else f"{sites}, site_bits={self.site_bits}"
 
 
 class WeightQuantizer(nn.Module):

@@ -199,7 +199,7 @@ class DSQActivation(_TemperatureMixin, ActivationQuantizer):
             alpha = _squash(self.temperature_logit[site])
         else:
             alpha = self.temperature[site]
-        return dsq_quantize(self._activation(x), self.lower[site], self.upper[site], alpha, self.bits)
+        return dsq_quantize(self._activation(x), self.lower[site], self.upper[site], alpha, self.bits_at(site))
 
     @torch.no_grad()
     def range_statistics(self, x: Tensor, quantile: float = 1.0) -> Tensor:

@@ -20,16 +20,18 @@ class PACTActivation(ActivationQuantizer):
         bits: Bit width of the output, 1..16.
         num_sites: Number of call sites this module serves; each gets its own alpha (per-tensor, as in the paper).
         alpha_init: Initial clip. The paper starts at 10 and lets the L2 penalty on alpha pull it down.
+        relu6: The module replaced an ``nn.ReLU6`` (only matters for sites kept float by :meth:`set_site_bits`).
 
     Raises:
         ValueError: If an argument is out of range.
     """
 
-    def __init__(self, bits: int, num_sites: int = 1, alpha_init: float = 10.0) -> None:
+    def __init__(self, bits: int, num_sites: int = 1, alpha_init: float = 10.0, relu6: bool = False) -> None:
         super().__init__(num_sites)
         check_bits(bits, "bits")
         check_positive(alpha_init, "alpha_init")
         self.bits = bits
+        self.relu6 = relu6  # what a float site computes (PACT's clip replaces the 6 on quantized sites)
         self.alpha = nn.Parameter(torch.full((num_sites,), float(alpha_init)))
 
     def quantize(self, x: Tensor, site: int) -> Tensor:
@@ -37,10 +39,10 @@ class PACTActivation(ActivationQuantizer):
         # Clamped with a straight-through gradient: an alpha pushed below MIN_ALPHA (by weight decay) can come back.
         # `MIN_ALPHA + (alpha - alpha.detach())` is exactly MIN_ALPHA in value, with gradient 1.
         alpha = torch.where(alpha >= MIN_ALPHA, alpha, MIN_ALPHA + (alpha - alpha.detach()))
-        return pact_quantize(x, alpha, self.bits)
+        return pact_quantize(x, alpha, self.bits_at(site))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, num_sites={self.num_sites}"
+        return f"bits={self.bits}, {super().extra_repr()}"
 
 
 class DoReFaWeight(WeightQuantizer):
