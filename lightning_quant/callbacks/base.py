@@ -219,7 +219,12 @@ class QuantizationCallback(Callback):
         values = dict(self.learned_values(pl_module))
         values.update(self.schedule_values(pl_module.trainer.current_epoch, self._max_epochs(pl_module.trainer)))
         for key, value in values.items():
-            pl_module.log(f"{self.log_prefix}/{key}", value, on_step=on_step, on_epoch=not on_step, rank_zero_only=True)
+            # The values are identical on every rank (DDP keeps them so): per-step logs skip the reduction; per-epoch
+            # logs take it (a few scalars) because Lightning expects epoch-level logs to be synced under DDP.
+            if on_step:
+                pl_module.log(f"{self.log_prefix}/{key}", value, on_step=True, on_epoch=False, rank_zero_only=True)
+            else:
+                pl_module.log(f"{self.log_prefix}/{key}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     @override
     def on_save_checkpoint(
