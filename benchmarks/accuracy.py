@@ -158,9 +158,25 @@ def main() -> None:
     parser.add_argument("--groups", nargs="+", default=["pact", "dsq", "quant_noise"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.md"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="only merge earlier runs' .json files (e.g. one per seed or data set) into one table at --out",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.merge:
+        merged: dict[str, dict[str, list[float]]] = {}
+        for path in args.merge:
+            for label, per_dataset in json.loads(path.read_text()).items():
+                for dataset, accs in per_dataset.items():
+                    merged.setdefault(label, {}).setdefault(dataset, []).extend(accs)
+        datasets = [d for d in DATASETS if any(d in v for v in merged.values())]
+        write_table(merged, datasets, args.epochs, "merged: " + " ".join(str(p) for p in args.merge), args.out)
+        return
 
     table = rows(args.bits, set(args.groups))
     results: dict[str, dict[str, list[float]]] = {}
@@ -180,25 +196,32 @@ def main() -> None:
             raw_path.parent.mkdir(parents=True, exist_ok=True)
             raw_path.write_text(json.dumps(results, indent=1))
 
+    command = "python benchmarks/accuracy.py " + " ".join(
+        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in (("datasets", args.datasets), ("seeds", args.seeds), ("epochs", args.epochs))
+    )
+    write_table(results, args.datasets, args.epochs, command, args.out)
+
+
+def write_table(
+    results: dict[str, dict[str, list[float]]], datasets: list[str], epochs: int, command: str, out: Path
+) -> None:
+    """Write and print the markdown table: mean over seeds, min-max in brackets."""
+    n_seeds = max((len(a) for per in results.values() for a in per.values()), default=0)
     lines = [
-        f"Test accuracy (%), DemoCNN, Adam lr 1e-3, batch 64, {args.epochs} epochs, mean of seeds {args.seeds}"
-        " (min-max in brackets). Command: `python benchmarks/accuracy.py "
-        + " ".join(
-            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in (("datasets", args.datasets), ("seeds", args.seeds), ("epochs", args.epochs))
-        )
-        + "`",
+        f"Test accuracy (%), DemoCNN, Adam lr 1e-3, batch 64, {epochs} epochs, mean of {n_seeds} seeds (min-max in"
+        f" brackets). Command: `{command}`",
         "",
-        "| row | " + " | ".join(args.datasets) + " |",
-        "|---|" + "---|" * len(args.datasets),
+        "| row | " + " | ".join(datasets) + " |",
+        "|---|" + "---|" * len(datasets),
     ]
     for label, per_dataset in results.items():
         cells = []
-        for dataset in args.datasets:
+        for dataset in datasets:
             accs = [100 * a for a in per_dataset.get(dataset, [])]
             cells.append(f"{statistics.mean(accs):.2f} ({min(accs):.1f}-{max(accs):.1f})" if accs else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    args.out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

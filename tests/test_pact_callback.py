@@ -407,3 +407,24 @@ def test_execution_order_keeps_the_last_layers_input_float_and_survives_reload(t
     model.eval()
     x = torch.randn(16, 8)
     assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("callback", ["pact", "dsq", "quant_noise"])
+def test_bf16_mixed_precision_trains_the_quantizers(tmp_path, callback):
+    from lightning_quant import DSQCallback, QuantNoiseCallback
+
+    torch.manual_seed(0)
+    model = Net()
+    cb = {
+        "pact": lambda: PACTCallback(first_last="quantize", alpha_init=2.0, alpha_lr=0.05),
+        "dsq": lambda: DSQCallback(first_last="quantize", quantizer_lr=0.05),
+        "quant_noise": lambda: QuantNoiseCallback(bits=4, p=0.5),
+    }[callback]()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _trainer(tmp_path, [cb], precision="bf16-mixed", max_epochs=1).fit(model)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if name in before:
+            assert not torch.equal(p.detach(), before[name]), f"{name} did not train under bf16"
+    if callback == "pact":
+        assert not torch.equal(model.relu1.alpha.detach(), torch.tensor([2.0]))
