@@ -1,0 +1,103 @@
+"""CUDA smoke check (not a test: CI has no GPU). Run on a GPU machine from the repository root::
+
+    PYTHONPATH=. python benchmarks/cuda_check.py
+
+For each callback it trains the demo CNN on digits on the GPU in fp32 and bf16-mixed, checks every parameter stays
+on the GPU and finite, that the quantizer parameters moved, and that ``load_from_checkpoint`` gives the same eval
+outputs on the GPU; then it compares each quantizer's forward and backward on CUDA with the CPU result.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_quant import DSQCallback, PACTCallback, QuantNoiseCallback, load_from_checkpoint
+from lightning_quant.demos import DemoCNN, DigitsDataModule
+from lightning_quant.quantizers import DoReFaWeight, DSQActivation, DSQWeight, PACTActivation, QuantNoiseWeight
+
+
+def check_training(name: str, make_callback, precision: str, root: Path) -> str:
+    L.seed_everything(0, verbose=False)
+    model = DemoCNN(input_size=8)
+    ckpt = ModelCheckpoint(dirpath=root / f"{name}-{precision}", save_last=True)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[make_callback(), ckpt],
+    )
+    cb = trainer.callbacks[0]
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    params = dict(model.named_parameters())
+    assert all(p.is_cuda and torch.isfinite(p).all() for p in params.values()), name
+    (result,) = trainer.test(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
+    loaded = load_from_checkpoint(DemoCNN, ckpt.last_model_path).cuda()
+    x = torch.randn(16, 1, 8, 8, device="cuda")
+    model.eval()
+    with torch.no_grad():
+        same = torch.equal(loaded(x), model(x))
+    quantizer_params = [n for n, _ in cb.quantizer_parameters(model)]
+    acc = result["test/acc"]
+    return f"{name:12s} {precision:10s} test_acc={acc:.4f} reload_equal={same} quantizer_params={len(quantizer_params)}"
+
+
+def compare_devices() -> list[str]:
+    torch.manual_seed(0)
+    out = []
+    x = torch.randn(4096) * 3
+    modules = {
+        "PACTActivation": PACTActivation(4, alpha_init=2.0),
+        "DSQActivation": DSQActivation(4),
+        "DoReFaWeight": DoReFaWeight(4),
+        "DSQWeight": DSQWeight(4),
+        "QuantNoiseWeight(eval)": QuantNoiseWeight(4, p=0.5).eval(),
+    }
+    for name, module in modules.items():
+        if isinstance(module, DSQActivation):
+            module.calibrate(x, 0)
+        if isinstance(module, DSQWeight):
+            module.calibrate(x)
+        results = []
+        for device in ("cpu", "cuda"):
+            m = module.to(device)
+            xi = x.to(device).clone().requires_grad_(True)
+            y = m(xi)
+            y.backward(torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape))
+            grads = [p.grad.detach().cpu().clone() for p in m.parameters()]
+            for p in m.parameters():
+                p.grad = None
+            results.append((y.detach().cpu(), xi.grad.cpu(), grads))
+        (y0, g0, p0), (y1, g1, p1) = results
+        out.append(
+            f"{name:24s} forward max|cpu-cuda|={float((y0 - y1).abs().max()):.2e}"
+            f" grad_x max={float((g0 - g1).abs().max()):.2e}"
+            + "".join(f" grad_param max={float((a - b).abs().max()):.2e}" for a, b in zip(p0, p1))
+        )
+    return out
+
+
+def main() -> None:
+    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    for line in compare_devices():
+        print(line, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("32-true", "bf16-mixed"):
+            for name, make in (
+                ("pact", lambda: PACTCallback(4, 4, verbose=False)),
+                ("dsq", lambda: DSQCallback(4, 4, verbose=False)),
+                ("quant_noise", lambda: QuantNoiseCallback(4, p=0.5, verbose=False)),
+            ):
+                print(check_training(name, make, precision, Path(tmp)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
