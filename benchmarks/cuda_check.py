@@ -37,12 +37,13 @@ def check_training(name: str, make_callback, precision: str, root: Path) -> str:
     )
     cb = trainer.callbacks[0]
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    # Lightning moves the model back to the CPU at teardown; what matters is that training on the GPU kept it finite.
     params = dict(model.named_parameters())
-    assert all(p.is_cuda and torch.isfinite(p).all() for p in params.values()), name
+    assert all(torch.isfinite(p).all() for p in params.values()), name
     (result,) = trainer.test(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
     loaded = load_from_checkpoint(DemoCNN, ckpt.last_model_path).cuda()
     x = torch.randn(16, 1, 8, 8, device="cuda")
-    model.eval()
+    model.cuda().eval()
     with torch.no_grad():
         same = torch.equal(loaded(x), model(x))
     quantizer_params = [n for n, _ in cb.quantizer_parameters(model)]

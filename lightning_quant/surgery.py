@@ -358,6 +358,8 @@ def inject_quantizers(
         return QuantizationPlan.from_dict(existing["plan"])
 
     _check_skip(model, config.skip)
+    # Read before the swap: afterwards the model also holds this package's own modules.
+    functional = find_functional_activations(model)
     slots = _slots(model)
     weight_slots = [s for s in slots if type(s[3]) in config.weight_types and type(s[3]) in QUANTIZED_TWINS]
     weight_names = [s[0] for s in weight_slots]
@@ -473,7 +475,7 @@ def inject_quantizers(
     plan.warnings.extend(
         f"{type(model).__name__}: {where}; functional activations can not be swapped and stay float. Use"
         " nn.ReLU / nn.ReLU6 modules to quantize them."
-        for where in find_functional_activations(model)
+        for where in functional
     )
     if not plan.quantized:
         kinds = ", ".join(t.__name__ for t in (*config.activation_types, *config.weight_types))

@@ -541,3 +541,16 @@ def test_failing_dry_run_falls_back_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="dry run on example_input failed"):
         plan = inject_quantizers(model, PACTConfig(act_bits=4), example_input=torch.randn(2, 7))
     assert plan.order == "registration"
+
+
+def test_module_activations_give_no_functional_warning() -> None:
+    import warnings
+
+    from lightning_quant.config import DSQConfig
+
+    for config in (PACTConfig(act_bits=4), DSQConfig(act_bits=4)):
+        model = TinyResNet()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning fails the test
+            plan = inject_quantizers(model, config, example_input=image(5, n=2))
+        assert plan.warnings == []
