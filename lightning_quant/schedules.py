@@ -66,8 +66,8 @@ class ConstantSchedule(Schedule):
 
 
 @dataclass(frozen=True)
-class LinearSchedule(Schedule):
-    """Straight line from ``start`` (first epoch) to ``end`` (last epoch)."""
+class _Ramp(Schedule):
+    """A schedule from ``start`` (first epoch) to ``end`` (last epoch); subclasses give the shape."""
 
     start: float
     end: float
@@ -75,6 +75,11 @@ class LinearSchedule(Schedule):
     def __post_init__(self) -> None:
         _check_number(self.start, "start")
         _check_number(self.end, "end")
+
+
+@dataclass(frozen=True)
+class LinearSchedule(_Ramp):
+    """Straight line from ``start`` (first epoch) to ``end`` (last epoch)."""
 
     def __call__(self, epoch: int, max_epochs: int) -> float:
         t = _progress(epoch, max_epochs)
@@ -82,15 +87,8 @@ class LinearSchedule(Schedule):
 
 
 @dataclass(frozen=True)
-class CosineSchedule(Schedule):
+class CosineSchedule(_Ramp):
     """Half cosine from ``start`` to ``end``: slow at both ends, fastest in the middle."""
-
-    start: float
-    end: float
-
-    def __post_init__(self) -> None:
-        _check_number(self.start, "start")
-        _check_number(self.end, "end")
 
     def __call__(self, epoch: int, max_epochs: int) -> float:
         t = _progress(epoch, max_epochs)
@@ -98,15 +96,11 @@ class CosineSchedule(Schedule):
 
 
 @dataclass(frozen=True)
-class ExponentialSchedule(Schedule):
+class ExponentialSchedule(_Ramp):
     """Geometric from ``start`` to ``end`` (both > 0): the same ratio every epoch."""
 
-    start: float
-    end: float
-
     def __post_init__(self) -> None:
-        _check_number(self.start, "start")
-        _check_number(self.end, "end")
+        super().__post_init__()
         if self.start <= 0 or self.end <= 0:
             raise ValueError(f"ExponentialSchedule needs `start` > 0 and `end` > 0, got {self.start!r}, {self.end!r}.")
 

@@ -17,10 +17,6 @@ from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
 from lightning_quant.schedules import ConstantSchedule, Schedule, as_schedule
 
 
-def _site_keys(name: str, module: DSQActivation) -> list[str]:
-    return [name] if module.num_sites == 1 else [f"{name}.site{i}" for i in range(module.num_sites)]
-
-
 class DSQCallback(QuantizationCallback):
     r"""Quantization-aware training with DSQ: a hard staircase forward and the gradient of a tanh-based soft
     staircase backward, so the gradient carries the quantization error (with the straight-through estimator it is
@@ -111,7 +107,7 @@ class DSQCallback(QuantizationCallback):
         values: dict[str, Tensor] = {}
         for name, module in pl_module.named_modules():
             if isinstance(module, DSQActivation):
-                keys = _site_keys(name, module)
+                keys = module.site_names(name)
                 lower, upper = module.lower.detach(), module.upper.detach()
                 temperature = module.get_temperature().detach()
                 for i, key in enumerate(keys):

@@ -17,12 +17,6 @@ from lightning_quant.config import PACTConfig
 from lightning_quant.quantizers.pact import PACTActivation
 
 
-def _site_keys(name: str, module: PACTActivation) -> list[str]:
-    if module.num_sites == 1:
-        return [name]
-    return [f"{name}.site{i}" for i in range(module.num_sites)]
-
-
 class PACTCallback(QuantizationCallback):
     r"""Quantization-aware training with PACT: every ``nn.ReLU``/``nn.ReLU6`` becomes ``clip(x, 0, alpha)``
     quantized to ``act_bits`` with a learned ``alpha`` per call site, and Linear/Conv weights are DoReFa-quantized to
@@ -102,7 +96,7 @@ class PACTCallback(QuantizationCallback):
         values = {}
         for name, module in pl_module.named_modules():
             if isinstance(module, PACTActivation):
-                for key, alpha in zip(_site_keys(name, module), module.alpha.detach()):
+                for key, alpha in zip(module.site_names(name), module.alpha.detach()):
                     values[f"alpha/{key}"] = alpha
         return values
 
@@ -120,7 +114,7 @@ class PACTCallback(QuantizationCallback):
             if not module.training:
                 return
             site = module._next_site if module.num_sites > 1 else 0
-            key = _site_keys(name, module)[site]
+            key = module.site_names(name)[site]
             peak = args[0].detach().amax().float()
             previous = self._max_seen.get(key)
             self._max_seen[key] = peak if previous is None else torch.maximum(previous, peak)

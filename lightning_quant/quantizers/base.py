@@ -54,6 +54,10 @@ class ActivationQuantizer(nn.Module):
             check_bits(bits, "site_bits", allow_none=True)
         self.site_bits = site_bits
 
+    def site_names(self, name: str) -> list[str]:
+        """Names under which this module's per-site values are logged: ``name``, or ``name.site<i>`` for several."""
+        return [name] if self.num_sites == 1 else [f"{name}.site{i}" for i in range(self.num_sites)]
+
     def bits_at(self, site: int) -> int | None:
         """Bit width of one call site (None: float)."""
         return self.bits if self.site_bits is None else self.site_bits[site]
