@@ -235,3 +235,16 @@ def test_non_finite_first_batch_does_not_poison_the_range(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DSQCallback(**kwargs)
+
+
+def test_activation_lower_bound_stays_at_zero_unless_asked():
+    x = torch.relu(torch.randn(256))
+    for learn_lower in (False, True):
+        module = DSQActivation(bits=2, learn_lower=learn_lower)
+        module.calibrate(x, 0)
+        module(x).sum().backward()
+        if learn_lower:
+            assert module.lower.grad is not None and float(module.lower.grad.abs().sum()) > 0
+        else:  # the exact zeros at x = l would drag a learned l away from 0 (see DSQActivation's docstring)
+            assert module.lower.grad is None and float(module.lower) == 0.0
+        assert module.upper.grad is not None

@@ -155,6 +155,9 @@ class DSQActivation(_TemperatureMixin, ActivationQuantizer):
         temperature: Initial characteristic variable alpha, in (0, 1); small is close to the hard step.
         learn_temperature: Learn alpha (as ``temperature_logit``) instead of taking it from a schedule.
         relu6: Apply ReLU6 instead of ReLU before quantizing.
+        learn_lower: Learn ``lower`` too. Off by default: after a ReLU about half the values are exactly 0 = l, and
+            each sends ``1 - c / sinh(c)`` of its gradient to ``l``; that mass drags ``l`` off 0 within a few hundred
+            steps (clipping every zero to ``l > 0``, or wasting a level below 0). ``upper`` is always learned.
 
     Raises:
         ValueError: If an argument is out of its allowed range (the message names it).
@@ -167,17 +170,19 @@ class DSQActivation(_TemperatureMixin, ActivationQuantizer):
         temperature: float = 0.2,
         learn_temperature: bool = False,
         relu6: bool = False,
+        learn_lower: bool = False,
     ) -> None:
         super().__init__(num_sites)
         check_bits(bits, "bits")
         _check_temperature(temperature)
         _check_flag(learn_temperature, "learn_temperature")
         _check_flag(relu6, "relu6")
+        _check_flag(learn_lower, "learn_lower")
         self.bits = bits
         self.relu6 = relu6
         self.learn_temperature = learn_temperature
         lo, up = _ACT_DEFAULT_RANGE
-        self.lower = nn.Parameter(torch.full((num_sites,), lo))
+        self.lower = nn.Parameter(torch.full((num_sites,), lo), requires_grad=learn_lower)
         self.upper = nn.Parameter(torch.full((num_sites,), up))
         self.register_buffer("calibrated", torch.zeros(num_sites, dtype=torch.bool))
         self._init_temperature(temperature, (num_sites,))
