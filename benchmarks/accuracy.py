@@ -10,9 +10,9 @@ quantization differs. Rows:
 * torch.ao WkAk: torch.ao's eager QAT (``prepare_qat``; FakeQuantize with moving-average min/max observers,
   ``quant_min``/``quant_max`` set for k bits) on the same places: the ReLU outputs and the weights of the middle
   layers; the reference implementation most users would reach for.
-* DSQ k-bit / STE k-bit: DSQCallback(act_bits=k, weight_bits=k) with the temperature annealed 0.4 -> 0.05
-  (cosine); the STE row is the same quantizer with the temperature at 1 - 1e-6, where DSQ's backward is the
-  straight-through estimator: the rows differ in the gradient only.
+* DSQ k-bit / STE k-bit: DSQCallback(act_bits=k, weight_bits=k) with the temperature learned per layer from 0.2
+  (the paper's mode); the STE row is the same quantizer with the temperature held at 1 - 1e-6, where DSQ's
+  backward is the straight-through estimator: the rows differ in the gradient only.
 * QuantNoise intk (p = 0.5) vs QAT intk (p = 1, every weight quantized every step): QuantNoiseCallback, scalar mode,
   weights only, every layer.
 
@@ -38,7 +38,6 @@ from torch import nn
 from lightning_quant import DSQCallback, PACTCallback, QuantNoiseCallback
 from lightning_quant.demos import DemoCNN, DigitsDataModule, MNIST5kDataModule
 from lightning_quant.quantizers.pact import PACTActivation
-from lightning_quant.schedules import CosineSchedule
 
 DATASETS = {"digits": (DigitsDataModule, 8), "mnist5k": (MNIST5kDataModule, 28)}
 
@@ -100,11 +99,22 @@ def rows(bits_list: list[int], groups: set[str]) -> list[tuple[str, str, Callabl
             out.append(("pact", f"torch.ao QAT W{k}A{k}", lambda: [], lambda m, k=k: torch_ao_qat(m, k)))
     if "dsq" in groups:
         for k in (4, 3, 2):
-            anneal = CosineSchedule(0.4, 0.05)
-            out.append(("dsq", f"DSQ W{k}A{k}", lambda k=k, s=anneal: [DSQCallback(k, k, s, verbose=False)], None))
+            out.append(
+                (
+                    "dsq",
+                    f"DSQ W{k}A{k} (temperature learned from 0.2)",
+                    lambda k=k: [DSQCallback(k, k, 0.2, learn_temperature=True, verbose=False)],
+                    None,
+                )
+            )
         for k in (4, 3, 2):
             out.append(
-                ("dsq", f"STE W{k}A{k} (DSQ grid)", lambda k=k: [DSQCallback(k, k, 1 - 1e-6, verbose=False)], None)
+                (
+                    "dsq",
+                    f"STE W{k}A{k} (DSQ grid, temperature 1)",
+                    lambda k=k: [DSQCallback(k, k, 1 - 1e-6, verbose=False)],
+                    None,
+                )
             )
     if "quant_noise" in groups:
         for k in (8, 4):

@@ -107,10 +107,18 @@ def test_every_quant_option_takes_bit_overrides(quant: str) -> None:
 
 
 def test_schedule_nodes_instantiate() -> None:
-    dsq = _compose("quant=dsq", "quant.temperature.start=0.3")
+    dsq = _compose(
+        "quant=dsq",
+        "quant.learn_temperature=false",
+        "quant.temperature={_target_:lightning_quant.schedules.CosineSchedule,start:0.3,end:0.1}",
+    )
     temperature = instantiate(dsq.quant.callback.temperature)
     assert type(temperature).__name__ == "CosineSchedule"
     assert temperature(0, 5) == pytest.approx(0.3) and temperature(4, 5) == pytest.approx(0.1)
+    callback = instantiate(dsq.quant.callback)
+    assert callback.schedules["temperature"] == temperature and not callback.config.learn_temperature
+    learned = instantiate(_compose("quant=dsq").quant.callback)
+    assert learned.config.learn_temperature and learned.config.temperature == 0.2
     noise = _compose("quant=quant_noise", "quant.bits=8")
     assert noise.quant.callback.bits == 8 and noise.quant.weight_bits == 8
     assert type(instantiate(noise.quant.callback.p)).__name__ == "LinearSchedule"

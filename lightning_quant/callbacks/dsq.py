@@ -39,7 +39,8 @@ class DSQCallback(QuantizationCallback):
             e.g. ``CosineSchedule(0.4, 0.05)``. With ``learn_temperature=True`` it must be a number (the start).
             Default 0.2, the start used by the paper's re-implementations.
         learn_temperature: Learn alpha per layer by gradient descent, kept inside (0, 1) by a sigmoid.
-        quantizer_lr: Learning rate of the quantizer parameters' group (ranges, learned alphas).
+        quantizer_lr: Learning rate of the quantizer parameters' group (ranges, learned alphas). Default 1e-3: with
+            Adam a range bound moves about this much per step, and weight ranges are ~0.1 wide.
         quantizer_weight_decay: Weight decay of that group (default 0: decay would shrink the ranges).
         skip: Module names or glob patterns left float.
         first_last: ``"float"`` (default, as in the paper), ``"8bit"`` or ``"quantize"``; see :class:`PACTCallback`.
@@ -60,7 +61,7 @@ class DSQCallback(QuantizationCallback):
         weight_bits: int | None = 4,
         temperature: float | Schedule = 0.2,
         learn_temperature: bool = False,
-        quantizer_lr: float = 0.01,
+        quantizer_lr: float = 1e-3,
         quantizer_weight_decay: float = 0.0,
         skip: Sequence[str] = (),
         first_last: str = "float",
