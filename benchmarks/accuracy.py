@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -82,7 +83,9 @@ def torch_ao_qat(model: DemoCNN, bits: int) -> None:
 
 def rows(bits_list: list[int], groups: set[str]) -> list[tuple[str, str, Callable[[], list], Callable | None]]:
     """(group, label, callbacks factory, model transform) for every row."""
-    out: list[tuple[str, str, Callable[[], list], Callable | None]] = [("fp32", "FP32", lambda: [], None)]
+    out: list[tuple[str, str, Callable[[], list], Callable | None]] = []
+    if "fp32" in groups:
+        out.append(("fp32", "FP32", lambda: [], None))
     if "pact" in groups:
         for k in bits_list:
             out.append(("pact", f"PACT W{k}A{k}", lambda k=k: [PACTCallback(k, k, verbose=False)], None))
@@ -165,7 +168,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 4, 3, 2])
-    parser.add_argument("--groups", nargs="+", default=["pact", "dsq", "quant_noise"])
+    parser.add_argument("--groups", nargs="+", default=["fp32", "pact", "dsq", "quant_noise"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.md"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
@@ -175,6 +178,7 @@ def main() -> None:
         default=None,
         help="only merge earlier runs' .json files (e.g. one per seed or data set) into one table at --out",
     )
+    parser.add_argument("--exclude", nargs="+", default=[], help="with --merge: drop rows whose label matches")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,6 +186,8 @@ def main() -> None:
         merged: dict[str, dict[str, list[float]]] = {}
         for path in args.merge:
             for label, per_dataset in json.loads(path.read_text()).items():
+                if any(re.search(pattern, label) for pattern in args.exclude):
+                    continue
                 for dataset, accs in per_dataset.items():
                     merged.setdefault(label, {}).setdefault(dataset, []).extend(accs)
         datasets = [d for d in DATASETS if any(d in v for v in merged.values())]

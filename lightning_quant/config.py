@@ -103,11 +103,14 @@ class DSQConfig(QuantConfig):
     Args:
         temperature: Initial characteristic variable alpha in (0, 1).
         learn_temperature: Learn alpha per layer (a Parameter) instead of following a schedule (a buffer).
+        learn_activation_lower: Learn the activations' lower bound too (weights learn both bounds always); off by
+            default, see :class:`~lightning_quant.quantizers.dsq.DSQActivation`'s ``learn_lower``.
     """
 
     method: ClassVar[str] = "dsq"
     temperature: float = 0.2
     learn_temperature: bool = False
+    learn_activation_lower: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,8 +118,9 @@ class DSQConfig(QuantConfig):
             raise ValueError(f"`temperature` must be a float in the open interval (0, 1), got {self.temperature!r}.")
         if not 0.0 < self.temperature < 1.0:
             raise ValueError(f"`temperature` must be a float in the open interval (0, 1), got {self.temperature!r}.")
-        if not isinstance(self.learn_temperature, bool):
-            raise ValueError(f"`learn_temperature` must be a bool, got {self.learn_temperature!r}.")
+        for flag in ("learn_temperature", "learn_activation_lower"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"`{flag}` must be a bool, got {getattr(self, flag)!r}.")
 
     def make_activation(self, original: nn.Module, num_sites: int, bits: int) -> ActivationQuantizer:
         return DSQActivation(
@@ -125,6 +129,7 @@ class DSQConfig(QuantConfig):
             temperature=float(self.temperature),
             learn_temperature=self.learn_temperature,
             relu6=isinstance(original, nn.ReLU6),
+            learn_lower=self.learn_activation_lower,
         )
 
     def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:

@@ -248,3 +248,14 @@ def test_activation_lower_bound_stays_at_zero_unless_asked():
         else:  # the exact zeros at x = l would drag a learned l away from 0 (see DSQActivation's docstring)
             assert module.lower.grad is None and float(module.lower) == 0.0
         assert module.upper.grad is not None
+
+
+def test_learn_activation_lower_option_reaches_the_modules(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    cb = DSQCallback(first_last="quantize", learn_activation_lower=True, quantizer_lr=0.05)
+    _trainer(tmp_path, [cb], max_epochs=1).fit(model)
+    assert model.relu1.lower.requires_grad and float(model.relu1.lower) != 0.0
+    assert not DSQCallback().config.learn_activation_lower
+    with pytest.raises(ValueError, match="`learn_activation_lower` must be a bool"):
+        DSQCallback(learn_activation_lower="yes")

@@ -25,7 +25,8 @@ class DSQCallback(QuantizationCallback):
     Every ``nn.ReLU``/``nn.ReLU6`` becomes a :class:`DSQActivation` (range ``[l, u]`` per call site, learned) and every
     Linear/Conv weight goes through a :class:`DSQWeight` (range per layer, learned, starting at the weight's
     ``[min, max]``). Activation ranges start from the first batch each site sees (``[0, max]`` after the ReLU,
-    non-finite values ignored; under DDP the min and max are reduced across ranks so every rank starts alike).
+    non-finite values ignored; under DDP the min and max are reduced across ranks so every rank starts alike; ``l``
+    stays 0 unless ``learn_activation_lower=True``).
     The temperature (the paper's characteristic variable alpha in (0, 1); small = close to the hard step) is a
     number, a schedule moved each epoch, or learned per layer (``learn_temperature=True``, the paper's mode).
 
@@ -39,6 +40,10 @@ class DSQCallback(QuantizationCallback):
             e.g. ``CosineSchedule(0.4, 0.05)``. With ``learn_temperature=True`` it must be a number (the start).
             Default 0.2, the start used by the paper's re-implementations.
         learn_temperature: Learn alpha per layer by gradient descent, kept inside (0, 1) by a sigmoid.
+        learn_activation_lower: Learn the activations' lower bound ``l`` as well as ``u`` (weights always learn
+            both). Off by default: after a ReLU about half the values sit exactly at ``l = 0``, and their share of
+            the gradient drags a learned ``l`` off 0 within a few hundred steps (clipping every zero to ``l > 0``, or
+            wasting a level below 0).
         quantizer_lr: Learning rate of the quantizer parameters' group (ranges, learned alphas). Default 1e-3: with
             Adam a range bound moves about this much per step, and weight ranges are ~0.1 wide.
         quantizer_weight_decay: Weight decay of that group (default 0: decay would shrink the ranges).
@@ -61,6 +66,7 @@ class DSQCallback(QuantizationCallback):
         weight_bits: int | None = 4,
         temperature: float | Schedule = 0.2,
         learn_temperature: bool = False,
+        learn_activation_lower: bool = False,
         quantizer_lr: float = 1e-3,
         quantizer_weight_decay: float = 0.0,
         skip: Sequence[str] = (),
@@ -81,6 +87,7 @@ class DSQCallback(QuantizationCallback):
             weight_bits=weight_bits,
             temperature=schedule.endpoints()[0],
             learn_temperature=learn_temperature,
+            learn_activation_lower=learn_activation_lower,
             first_last=first_last,
             skip=tuple(skip),
         )
