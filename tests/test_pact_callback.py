@@ -428,3 +428,16 @@ def test_bf16_mixed_precision_trains_the_quantizers(tmp_path, callback):
             assert not torch.equal(p.detach(), before[name]), f"{name} did not train under bf16"
     if callback == "pact":
         assert not torch.equal(model.relu1.alpha.detach(), torch.tensor([2.0]))
+
+
+def test_compile_quantizers_option_is_checked_and_applied(tmp_path):
+    from lightning_quant.functional import fused
+
+    with pytest.raises(ValueError, match=r"`compile_quantizers` must be True, False, 'on', 'off' or 'auto', got 'x'"):
+        PACTCallback(compile_quantizers="x")
+    previous = fused.get_compiled()
+    try:
+        _trainer(tmp_path, [PACTCallback(first_last="quantize", compile_quantizers=False)], max_epochs=1).fit(Net())
+        assert fused.get_compiled() == "off"
+    finally:
+        fused.set_compiled(previous)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_quant.config import QuantConfig
+from lightning_quant.functional import fused
 from lightning_quant.optim import (
     LR_SCHEDULE_MODES,
     add_quantizer_group,
@@ -62,6 +63,10 @@ class QuantizationCallback(Callback):
             base lr of the group its parameters came from. ``"constant"``: its lr stays ``quantizer_lr``.
         log_every_n_steps: Also log the learned values every n optimizer steps (None: once per epoch only).
         verbose: Print the quantization plan at fit start (rank zero).
+        compile_quantizers: How the quantizers' elementwise kernels run: ``"auto"`` (default: eager, each kernel
+            compiled with ``torch.compile`` once it has spent about as long eagerly as compiling costs, so short runs
+            are never slower), ``True`` (compile at first use) or ``False`` (always eager). Values are bit-identical
+            either way (:mod:`lightning_quant.functional.fused`); the setting is process-wide.
 
     Raises:
         ValueError: If an argument is out of range.
@@ -79,8 +84,15 @@ class QuantizationCallback(Callback):
         log_every_n_steps: int | None = None,
         verbose: bool = True,
         schedules: dict[str, Schedule] | None = None,
+        compile_quantizers: bool | str = "auto",
     ) -> None:
         super().__init__()
+        try:
+            self.compile_quantizers = fused.parse_mode(compile_quantizers)
+        except ValueError:
+            raise ValueError(
+                f"`compile_quantizers` must be True, False, 'on', 'off' or 'auto', got {compile_quantizers!r}."
+            ) from None
         if quantizer_lr is not None:  # None: the method has no learned quantizer parameters
             check_positive(quantizer_lr, self._arg_names.get("quantizer_lr", "quantizer_lr"))
         check_positive(
@@ -146,6 +158,7 @@ class QuantizationCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_strategy(trainer)
+        fused.set_compiled(self.compile_quantizers)
         example = getattr(pl_module, "example_input_array", None)
         self.plan = inject_quantizers(pl_module, self.config, warn=False, example_input=example)
         if not self._warned:

@@ -52,6 +52,7 @@ class DSQCallback(QuantizationCallback):
         lr_schedule: ``"follow"`` or ``"constant"``; see :class:`PACTCallback`.
         log_every_n_steps: Also log every n steps.
         verbose: Print the quantization plan at fit start.
+        compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
 
     Raises:
         ValueError: If an argument is out of range (temperature or a schedule value outside (0, 1), bits not an int
@@ -74,6 +75,7 @@ class DSQCallback(QuantizationCallback):
         lr_schedule: str = "follow",
         log_every_n_steps: int | None = None,
         verbose: bool = True,
+        compile_quantizers: bool | str = "auto",
     ) -> None:
         schedule = as_schedule(temperature, "temperature")
         schedule.check_range("temperature", 0.0, 1.0)
@@ -99,6 +101,7 @@ class DSQCallback(QuantizationCallback):
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
             schedules={} if learn_temperature else {"temperature": schedule},
+            compile_quantizers=compile_quantizers,
         )
         self._hooks: list[Any] = []
 

@@ -53,6 +53,7 @@ class PACTCallback(QuantizationCallback):
             that layer saw) into the logger's folder. Tracking the largest activation costs one reduction per
             quantized activation per step, so it is off by default.
         verbose: Print the quantization plan at fit start.
+        compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
 
     Raises:
         ValueError: If an argument is out of range (bits not an int in 1..16, ``alpha_init`` or ``alpha_lr`` not
@@ -75,6 +76,7 @@ class PACTCallback(QuantizationCallback):
         log_every_n_steps: int | None = None,
         plot: bool = False,
         verbose: bool = True,
+        compile_quantizers: bool | str = "auto",
     ) -> None:
         config = PACTConfig(
             act_bits=act_bits, weight_bits=weight_bits, alpha_init=alpha_init, first_last=first_last, skip=tuple(skip)
@@ -86,6 +88,7 @@ class PACTCallback(QuantizationCallback):
             lr_schedule=lr_schedule,
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
+            compile_quantizers=compile_quantizers,
         )
         self.plot = plot
         self._max_seen: dict[str, Tensor] = {}

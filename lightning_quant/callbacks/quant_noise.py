@@ -40,6 +40,7 @@ class QuantNoiseCallback(QuantizationCallback):
         first_last: ``"quantize"`` (default: the paper noises every layer), ``"float"`` or ``"8bit"``.
         log_every_n_steps: Also log ``quant_noise/p`` every n steps.
         verbose: Print the quantization plan at fit start.
+        compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
 
     Raises:
         ValueError: If an argument is out of range; at ``setup``, if ``block_size`` does not divide a layer's input
@@ -59,6 +60,7 @@ class QuantNoiseCallback(QuantizationCallback):
         first_last: str = "quantize",
         log_every_n_steps: int | None = None,
         verbose: bool = True,
+        compile_quantizers: bool | str = "auto",
     ) -> None:
         config = QuantNoiseConfig(
             weight_bits=bits,
@@ -71,7 +73,12 @@ class QuantNoiseCallback(QuantizationCallback):
         rate = as_schedule(p, "p")
         rate.check_range("p", 0.0, 1.0, low_open=False, high_open=mode == "block")
         super().__init__(
-            config, quantizer_lr=None, log_every_n_steps=log_every_n_steps, verbose=verbose, schedules={"p": rate}
+            config,
+            quantizer_lr=None,
+            log_every_n_steps=log_every_n_steps,
+            verbose=verbose,
+            schedules={"p": rate},
+            compile_quantizers=compile_quantizers,
         )
 
     @override

@@ -12,7 +12,72 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_quant.functional.ste import round_ste
+from lightning_quant.functional import fused
+
+# The function is written out as an autograd Function whose per-element work runs in fused kernels (eager or compiled,
+# bit-identical; functional/fused.py). Its backward is the exact sequence of operations autograd ran through the
+# original expression ``2 * (round_ste(t / (2 * max|t|.clamp_min(tiny)) + 0.5) * L) / L) - 1`` with ``t = tanh(w)``:
+#
+#   g_r  = ((g * 2) / L) * L                       through ``- 1``, ``2 *``, ``/ L``, round (STE), ``* L``, ``+ 0.5``
+#   g_t  = g_r / d                                 ``t / d`` with respect to t
+#   g_d  = sum(-g_r * ((t / d) / d))               ... with respect to d = 2 * m, m = max|t| clamped
+#   g_m  = where(max|t| >= tiny, g_d * 2, 0)        ``2 *`` and ``clamp_min``
+#   g_t += where(|t| == max|t|, g_m / count, 0) * sgn(t)    ``max`` (shared evenly among ties) and ``abs``
+#   g_w  = tanh_backward(g_t, t)                   ``tanh``: g_t * (1 - t * t), with 1 - t * t as one fused multiply-add
+#
+# ``tanh``, ``tanh_backward`` and the sum stay eager ops (see fused.py: inductor's tanh, its summation order, and its
+# unfused ``1 - t * t`` differ from eager's in the last bit).
+
+
+def _forward_body(t: Tensor, levels: int, tiny: float) -> tuple[Tensor, Tensor, Tensor]:
+    m = t.abs().max()
+    d = 2 * m.clamp_min(tiny)
+    out = 2 * (torch.round((t / d + 0.5) * levels) / levels) - 1
+    return out, m, d
+
+
+def _backward_terms_body(grad: Tensor, t: Tensor, d: Tensor, m: Tensor, levels: int) -> tuple[Tensor, Tensor]:
+    g_r = ((grad * 2) / levels) * levels
+    return -g_r * ((t / d) / d), (t.abs() == m).sum()
+
+
+def _backward_body(grad: Tensor, t: Tensor, d: Tensor, m: Tensor, share: Tensor, levels: int) -> Tensor:
+    g_r = ((grad * 2) / levels) * levels
+    return g_r / d + torch.where(t.abs() == m, share, torch.zeros_like(share)) * torch.sgn(t)
+
+
+_forward = fused.FusedKernel("dorefa_forward", _forward_body)
+_backward_terms = fused.FusedKernel("dorefa_backward_terms", _backward_terms_body)
+_backward = fused.FusedKernel("dorefa_backward", _backward_body)
+
+
+class _DoReFaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, bits: int) -> Tensor:
+        levels = 2**bits - 1
+        t = torch.tanh(w)
+        flat = fused.fusable(t)
+        # An all-zero weight would divide by zero; its quantized value is then 0.5 -> the middle level.
+        tiny = torch.finfo(t.dtype).tiny
+        out, m, d = _forward(t.view(-1), levels, tiny) if flat else _forward.eager(t, levels, tiny)
+        ctx.save_for_backward(t, m, d)
+        ctx.levels = levels
+        ctx.tiny = tiny
+        return out.view(t.shape) if flat else out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        t, m, d = ctx.saved_tensors
+        levels = ctx.levels
+        flat = fused.fusable(grad, t)
+        g, tf = (grad.view(-1), t.view(-1)) if flat else (grad, t)
+        terms, count = _backward_terms(g, tf, d, m, levels) if flat else _backward_terms.eager(g, tf, d, m, levels)
+        g_d = terms.sum()
+        g_m = torch.where(m >= ctx.tiny, g_d * 2, torch.zeros_like(g_d))
+        share = g_m / count
+        g_t = _backward(g, tf, d, m, share, levels) if flat else _backward.eager(g, tf, d, m, share, levels)
+        grad_w = torch.ops.aten.tanh_backward(g_t.view(t.shape), t)
+        return grad_w, None
 
 
 def dorefa_quantize_weight(w: Tensor, bits: int) -> Tensor:
@@ -25,8 +90,4 @@ def dorefa_quantize_weight(w: Tensor, bits: int) -> Tensor:
     Returns:
         The quantized weight, values in ``{2 j / (2**k - 1) - 1 : j = 0 .. 2**k - 1}``.
     """
-    levels = 2**bits - 1
-    t = torch.tanh(w)
-    # An all-zero weight would divide by zero; its quantized value is then 0.5 -> the middle level.
-    r = t / (2 * t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)) + 0.5
-    return 2 * (round_ste(r * levels) / levels) - 1
+    return _DoReFaFunction.apply(w, bits)

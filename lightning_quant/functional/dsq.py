@@ -68,6 +68,7 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_quant.functional import fused
 from lightning_quant.quantizers.base import check_bits
 
 __all__ = [
@@ -159,11 +160,16 @@ class _DSQFunction(torch.autograd.Function):
         ctx.save_for_backward(x, lower, upper, alpha)
         ctx.bits = bits
         ctx.min_width = min_width
+        if _fusable(x, lower, upper, alpha):
+            q = _forward(x.view(-1), lower.reshape(()), upper.reshape(()), alpha.reshape(()), bits, min_width)
+            return q.view(x.shape)
         return _hard(x, lower, upper, alpha, bits, min_width)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, lower, upper, alpha = ctx.saved_tensors
+        if _fusable(x, lower, upper, alpha, grad_out):
+            return _fused_backward(ctx, x, lower, upper, alpha, grad_out)
         need_x, need_l, need_u, need_a = ctx.needs_input_grad[:4]
         dtype = _compute_dtype(x.dtype, lower.dtype, upper.dtype, alpha.dtype)
         xc, lo, up, al = x.to(dtype), lower.to(dtype), upper.to(dtype), alpha.to(dtype)
@@ -202,6 +208,148 @@ class _DSQFunction(torch.autograd.Function):
         if need_a:
             grad_a = _reduce_to(torch.where(inside, go * delta * _dg_dc(g, y, c), zero) * _dc_dalpha(al, a), alpha)
         return grad_x, grad_l, grad_u, grad_a, None, None
+
+
+# ------------------------------------------------------------------------------------------------ fused path
+# For one range per tensor (0-d or one-element bounds, the case of both DSQ modules) the per-element work runs in
+# fused kernels (functional/fused.py), eager or compiled with bit-identical results. The operations are those of
+# `_hard` and of the backward above, in the same order; what inductor would compute differently stays eager: the
+# per-element `tanh` and `sinh` (on tensors the kernels write), the sums (of per-element terms the kernels write),
+# and every 0-d quantity (range, sharpness).
+
+
+def _fusable(x: Tensor, *others: Tensor) -> bool:
+    bounds, grads = others[:3], others[3:]
+    one_range = all(b.numel() == 1 and b.dim() <= x.dim() for b in bounds)
+    return one_range and fused.fusable(x, *grads) and all(g.shape == x.shape for g in grads)
+
+
+def _bins(xc: Tensor, lo: Tensor, up_eff: Tensor, delta: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    inside = (xc >= lo) & (xc <= up_eff)
+    xs = torch.where(inside, xc, lo)
+    t = (xs - lo) / delta
+    i = torch.floor(t).clamp(0, n - 1)
+    return inside, t, t - i - 0.5
+
+
+def _tanh_arg_body(x: Tensor, lo: Tensor, up_eff: Tensor, delta: Tensor, c: Tensor, n: int) -> Tensor:
+    _, _, y = _bins(x.to(lo.dtype), lo, up_eff, delta, n)
+    return c * y
+
+
+def _tanh_sinh_args_body(
+    x: Tensor, lo: Tensor, up_eff: Tensor, delta: Tensor, c: Tensor, c_big: Tensor, n: int
+) -> tuple[Tensor, Tensor]:
+    _, _, y = _bins(x.to(lo.dtype), lo, up_eff, delta, n)
+    z = 2.0 * c_big * y
+    return c * y, torch.where(z == 0, torch.ones_like(z), z)
+
+
+def _soft(
+    x: Tensor,
+    grad_out: Tensor,
+    th: Tensor,
+    lo: Tensor,
+    up_eff: Tensor,
+    delta: Tensor,
+    c: Tensor,
+    half_tanh: Tensor,
+    n: int,
+) -> tuple[Tensor, ...]:
+    xc, go = x.to(lo.dtype), grad_out.to(lo.dtype)
+    inside, t, y = _bins(xc, lo, up_eff, delta, n)
+    sech2 = 1.0 - th * th
+    g = 0.5 * th / half_tanh
+    slope = 0.5 * c * sech2 / half_tanh
+    zero = torch.zeros_like(lo)
+    d_up = ((g - y) + t * (1.0 - slope)) / n
+    grad_x = torch.where(inside, go * slope, zero).to(x.dtype)
+    terms_u = torch.where(inside, go * d_up, torch.where(xc > up_eff, go, zero))
+    terms_l = torch.where(inside, go * (1.0 - slope - d_up), torch.where(xc < lo, go, zero))
+    return grad_x, terms_l, terms_u, inside, go, g, y
+
+
+def _backward_body(
+    x: Tensor,
+    grad_out: Tensor,
+    th: Tensor,
+    lo: Tensor,
+    up_eff: Tensor,
+    delta: Tensor,
+    c: Tensor,
+    half_tanh: Tensor,
+    n: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _soft(x, grad_out, th, lo, up_eff, delta, c, half_tanh, n)[:3]
+
+
+def _backward_alpha_body(
+    x: Tensor,
+    grad_out: Tensor,
+    th: Tensor,
+    sh: Tensor,
+    lo: Tensor,
+    up_eff: Tensor,
+    delta: Tensor,
+    c: Tensor,
+    half_tanh: Tensor,
+    c_big: Tensor,
+    small: Tensor,
+    ratio: Tensor,
+    dc_dalpha: Tensor,
+    n: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grad_x, terms_l, terms_u, inside, go, g, y = _soft(x, grad_out, th, lo, up_eff, delta, c, half_tanh, n)
+    # _dg_dc, with sinh(z_safe) (`sh`) and c_big / sinh(c_big) (`ratio`) computed eagerly.
+    z = 2.0 * c_big * y
+    z_safe = torch.where(z == 0, torch.ones_like(z), z)
+    h_z = torch.where(z == 0, torch.ones_like(z), z_safe / sh)
+    exact = g * (h_z - ratio) / c_big
+    y2 = y * y
+    c2 = c * c
+    series = (1 - 4 * y2) / 6 - 7 * c2 * (1 - 16 * y2 * y2) / 360 + 31 * c2 * c2 * (1 - 64 * y2**3) / 15120
+    dg_dc = torch.where(small, g * (c * series), exact)
+    terms_a = torch.where(inside, go * delta * dg_dc, torch.zeros_like(lo)) * dc_dalpha
+    return grad_x, terms_l, terms_u, terms_a
+
+
+_forward = fused.FusedKernel("dsq_forward", _hard)
+_tanh_arg = fused.FusedKernel("dsq_tanh_arg", _tanh_arg_body)
+_tanh_sinh_args = fused.FusedKernel("dsq_tanh_sinh_args", _tanh_sinh_args_body)
+_backward = fused.FusedKernel("dsq_backward", _backward_body)
+_backward_alpha = fused.FusedKernel("dsq_backward_alpha", _backward_alpha_body)
+
+
+def _fused_backward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, grad_out: Tensor) -> tuple:
+    need_x, need_l, need_u, need_a = ctx.needs_input_grad[:4]
+    dtype = _compute_dtype(x.dtype, lower.dtype, upper.dtype, alpha.dtype)
+    lo, up, al = lower.to(dtype).reshape(()), upper.to(dtype).reshape(()), alpha.to(dtype).reshape(())
+    n = 2**ctx.bits - 1
+    up_eff, delta = _range(lo, up, n, ctx.min_width)
+    a, c = _sharpness(al)
+    half_tanh = torch.tanh(0.5 * c)
+    xf, gf = x.view(-1), grad_out.view(-1)
+    if need_a:
+        threshold = _SERIES_C.get(c.dtype, 0.25)
+        small = c < threshold
+        c_big = torch.where(small, torch.full_like(c, threshold), c)
+        cy, z_safe = _tanh_sinh_args(xf, lo, up_eff, delta, c, c_big, n)
+        th, sh = torch.tanh(cy), torch.sinh(z_safe)
+        ratio = c_big / torch.sinh(c_big)
+        dc_dalpha = _dc_dalpha(al, a)
+        grad_x, terms_l, terms_u, terms_a = _backward_alpha(
+            xf, gf, th, sh, lo, up_eff, delta, c, half_tanh, c_big, small, ratio, dc_dalpha, n
+        )
+        grad_a = _reduce_to(terms_a.view(x.shape), alpha)
+    else:
+        th = torch.tanh(_tanh_arg(xf, lo, up_eff, delta, c, n))
+        grad_x, terms_l, terms_u = _backward(xf, gf, th, lo, up_eff, delta, c, half_tanh, n)
+        grad_a = None
+    grad_x = grad_x.view(x.shape) if need_x else None
+    # Summed in x's shape, as the eager backward sums them (the same reduction, so the same last bit).
+    grad_l = _reduce_to(terms_l.view(x.shape), lower) if need_l else None
+    grad_u = _reduce_to(terms_u.view(x.shape), upper) if need_u else None
+    return grad_x, grad_l, grad_u, grad_a, None, None
 
 
 def _dg_dc(g: Tensor, y: Tensor, c: Tensor) -> Tensor:

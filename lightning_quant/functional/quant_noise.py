@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_quant.functional import fused
+
 __all__ = ["block_noise", "block_shape", "fake_quantize_affine", "scalar_noise"]
 
 
@@ -64,11 +66,32 @@ def _affine_fake_quantize_values(w: Tensor, bits: int) -> Tensor:
     return torch.where(degenerate, w, (q - zero_point) * scale)
 
 
+def _scalar_noise_values(w: Tensor, uniform: Tensor, p: Tensor, bits: int) -> Tensor:
+    # `uniform < p` here rather than in the caller: the comparison fuses into the same pass.
+    return torch.where(uniform < p, _affine_fake_quantize_values(w, bits), w)
+
+
+def _block_noise_values(w: Tensor, dropped: Tensor, p: Tensor) -> Tensor:
+    # p == 1 drops every block; dividing by 1 instead of 0 keeps the result the zero tensor rather than 0/0 = NaN.
+    keep = 1.0 - p
+    keep = torch.where(keep > 0, keep, torch.ones_like(keep))
+    return w.masked_fill(dropped, 0.0) / keep
+
+
+# Eager or compiled, with bit-identical results (functional/fused.py): min/max reductions are exact in any order, and
+# the rest is elementwise arithmetic.
+_fake_quantize_kernel = fused.FusedKernel("quant_noise_fake_quantize", _affine_fake_quantize_values)
+_scalar_noise_kernel = fused.FusedKernel("quant_noise_scalar", _scalar_noise_values)
+_block_noise_kernel = fused.FusedKernel("quant_noise_block", _block_noise_values)
+
+
 class _FakeQuantizeAffineSTE(torch.autograd.Function):
     """Returns the fake-quantized tensor itself (exact levels) with an identity backward."""
 
     @staticmethod
     def forward(ctx: Any, w: Tensor, bits: int) -> Tensor:
+        if fused.fusable(w):
+            return _fake_quantize_kernel(w.view(-1), bits).view(w.shape)
         return _affine_fake_quantize_values(w, bits)
 
     @staticmethod
@@ -77,15 +100,17 @@ class _FakeQuantizeAffineSTE(torch.autograd.Function):
 
 
 class _ScalarNoiseSTE(torch.autograd.Function):
-    """``where(mask, fake_quantize(w), w)`` with an identity backward; nothing is saved for backward."""
+    """``where(uniform < p, fake_quantize(w), w)`` with an identity backward; nothing is saved for backward."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, noised: Tensor, bits: int) -> Tensor:
-        return torch.where(noised, _affine_fake_quantize_values(w, bits), w)
+    def forward(ctx: Any, w: Tensor, uniform: Tensor, p: Tensor, bits: int) -> Tensor:
+        if fused.fusable(w, uniform):
+            return _scalar_noise_kernel(w.view(-1), uniform.view(-1), p, bits).view(w.shape)
+        return _scalar_noise_values(w, uniform, p, bits)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return grad, None, None, None
 
 
 class _BlockNoiseSTE(torch.autograd.Function):
@@ -93,10 +118,17 @@ class _BlockNoiseSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: Tensor, dropped: Tensor, p: Tensor) -> Tensor:
-        # p == 1 drops every block; dividing by 1 instead of 0 keeps the result the zero tensor rather than 0/0 = NaN.
-        keep = 1.0 - p
-        keep = torch.where(keep > 0, keep, torch.ones_like(keep))
-        return w.masked_fill(dropped, 0.0) / keep
+        # `dropped` has the block shape (out, blocks) of `block_shape`; each block is a run of consecutive entries.
+        if fused.fusable(w):
+            # One kernel for every layer type: the weight as (out, blocks, entries per block).
+            blocks = w.view(dropped.shape[0], dropped.shape[1], -1)
+            return _block_noise_kernel(blocks, dropped.unsqueeze(-1), p).view(w.shape)
+        if dropped.shape[1] != w.shape[1]:
+            # Blocks of consecutive input features: repeat each draw `block_size` times along dim 1.
+            dropped = dropped.repeat_interleave(w.shape[1] // dropped.shape[1], dim=1)
+        # Broadcast over the kernel dimensions (whole kernels, or the single element of a 1x1 kernel).
+        dropped = dropped.reshape(dropped.shape + (1,) * (w.dim() - 2)).expand(w.shape)
+        return _block_noise_values(w, dropped, p)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -163,8 +195,10 @@ def scalar_noise(w: Tensor, p: float | Tensor, bits: int, generator: torch.Gener
     if w.numel() == 0:
         return w.clone()
     # Uniform draws lie in [0, 1): `< 0` never holds and `< 1` always does, so p = 0 and p = 1 are exact.
-    noised = torch.rand(w.shape, generator=generator, device=w.device) < p
-    return _ScalarNoiseSTE.apply(w, noised, bits)
+    uniform = torch.rand(w.shape, generator=generator, device=w.device)
+    # A number is compared in the draws' dtype, as `uniform < p` does; as a tensor it never recompiles a kernel.
+    rate = p if isinstance(p, Tensor) else torch.tensor(p, dtype=uniform.dtype)
+    return _ScalarNoiseSTE.apply(w, uniform, rate, bits)
 
 
 def block_shape(shape: torch.Size | tuple[int, ...], block_size: int, name: str | None = None) -> tuple[int, ...]:
@@ -245,9 +279,4 @@ def block_noise(
         return w.clone()
     p_tensor = torch.as_tensor(p, dtype=w.dtype, device=w.device)
     dropped = torch.rand(mask_shape, generator=generator, device=w.device) < p_tensor
-    if len(mask_shape) == 2 and mask_shape[1] != w.shape[1]:
-        # Blocks of consecutive input features: repeat each draw `block_size` times along dim 1.
-        dropped = dropped.repeat_interleave(block_size, dim=1)
-    # Broadcast over the kernel dimensions (whole kernels, or the single element of a 1x1 kernel).
-    dropped = dropped.reshape(dropped.shape + (1,) * (w.dim() - 2)).expand(w.shape)
     return _BlockNoiseSTE.apply(w, dropped, p_tensor)
