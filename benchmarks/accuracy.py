@@ -225,8 +225,8 @@ def write_table(
     """Write and print the markdown table: mean over seeds, min-max in brackets."""
     n_seeds = max((len(a) for per in results.values() for a in per.values()), default=0)
     lines = [
-        f"Test accuracy (%), DemoCNN, Adam lr 1e-3, batch 64, {epochs} epochs, mean of {n_seeds} seeds (min-max in"
-        f" brackets). Command: `{command}`",
+        f"Test accuracy (%), DemoCNN, Adam lr 1e-3, batch 64, {epochs} epochs, mean over seeds (min-max and the"
+        f" number of seeds n in brackets; up to {n_seeds}). Command: `{command}`",
         "",
         "| row | " + " | ".join(datasets) + " |",
         "|---|" + "---|" * len(datasets),
@@ -235,7 +235,9 @@ def write_table(
         cells = []
         for dataset in datasets:
             accs = [100 * a for a in per_dataset.get(dataset, [])]
-            cells.append(f"{statistics.mean(accs):.2f} ({min(accs):.1f}-{max(accs):.1f})" if accs else "-")
+            cells.append(
+                f"{statistics.mean(accs):.2f} ({min(accs):.1f}-{max(accs):.1f}, n={len(accs)})" if accs else "-"
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
