@@ -34,7 +34,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
+from references import torch_ao_qat
 
 from lightning_quant import DSQCallback, PACTCallback, QuantNoiseCallback
 from lightning_quant.demos import DemoCNN, DigitsDataModule, MNIST5kDataModule
@@ -50,35 +50,6 @@ class FreezeClips(L.Callback):
         for module in pl_module.modules():
             if isinstance(module, PACTActivation):
                 module.alpha.requires_grad_(False)
-
-
-def torch_ao_qat(model: DemoCNN, bits: int) -> None:
-    """torch.ao QAT on the places PACT quantizes: middle-layer weights and the ReLU outputs feeding them.
-
-    ``prepare_qat`` swaps the middle Conv/Linear layers for torch.ao's QAT modules (weight FakeQuantize). Eager-mode
-    ``prepare`` does not observe ``nn.ReLU`` outputs (fusion and QuantStubs are expected), so each quantized ReLU is
-    followed by a torch.ao ``FakeQuantize`` module directly.
-    """
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, QConfig, prepare_qat
-
-    activation = FakeQuantize.with_args(
-        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2**bits - 1, dtype=torch.quint8
-    )
-    weight = FakeQuantize.with_args(
-        observer=MovingAverageMinMaxObserver,
-        quant_min=-(2 ** (bits - 1)),
-        quant_max=2 ** (bits - 1) - 1,
-        dtype=torch.qint8,
-        qscheme=torch.per_tensor_symmetric,
-    )
-    for name in ("conv2", "conv3", "fc1"):
-        getattr(model, name).qconfig = QConfig(activation=activation, weight=weight)
-    prepare_qat(model, inplace=True)
-    for name in ("conv2", "conv3", "fc1"):
-        # prepare also fake-quantizes these layers' outputs; PACT does not (BatchNorm follows), so neither do we.
-        getattr(model, name).activation_post_process = nn.Identity()
-    for name in ("relu1", "relu2", "relu3"):
-        setattr(model, name, nn.Sequential(nn.ReLU(), activation()))
 
 
 def rows(bits_list: list[int], groups: set[str]) -> list[tuple[str, str, Callable[[], list], Callable | None]]:

@@ -51,6 +51,7 @@ if "--fresh-cache" in sys.argv:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from references import ao_fake_quantize, torch_ao_qat  # noqa: E402  (benchmarks/references.py)
 from torch import Tensor, nn  # noqa: E402
 
 from lightning_quant import inject_quantizers  # noqa: E402
@@ -148,38 +149,6 @@ def distiller_pact(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     scale = (2**bits - 1) / alpha
     q = torch.round(y * scale) / scale
     return y + (q - y).detach()
-
-
-def ao_fake_quantize(bits: int, signed: bool) -> Callable[..., nn.Module]:
-    """A torch.ao FakeQuantize factory (moving-average min/max observer), as in benchmarks/accuracy.py."""
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
-
-    if signed:
-        return FakeQuantize.with_args(
-            observer=MovingAverageMinMaxObserver,
-            quant_min=-(2 ** (bits - 1)),
-            quant_max=2 ** (bits - 1) - 1,
-            dtype=torch.qint8,
-            qscheme=torch.per_tensor_symmetric,
-        )
-    return FakeQuantize.with_args(
-        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2**bits - 1, dtype=torch.quint8
-    )
-
-
-def torch_ao_qat(model: DemoCNN, bits: int) -> None:
-    """torch.ao eager QAT on the places PACT quantizes (as in benchmarks/accuracy.py): middle-layer weights and the
-    ReLU outputs feeding them."""
-    from torch.ao.quantization import QConfig, prepare_qat
-
-    act, weight = ao_fake_quantize(bits, signed=False), ao_fake_quantize(bits, signed=True)
-    for name in ("conv2", "conv3", "fc1"):
-        getattr(model, name).qconfig = QConfig(activation=act, weight=weight)
-    prepare_qat(model, inplace=True)
-    for name in ("conv2", "conv3", "fc1"):
-        getattr(model, name).activation_post_process = nn.Identity()
-    for name in ("relu1", "relu2", "relu3"):
-        setattr(model, name, nn.Sequential(nn.ReLU(), act()))
 
 
 # ---------------------------------------------------------------------------------------------------- sections
