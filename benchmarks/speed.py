@@ -247,7 +247,7 @@ def _calibrate_dsq(model: nn.Module, x: Tensor) -> None:
     hooks = []
 
     def hook(module: DSQActivation, args: tuple) -> None:
-        site = module._next_site if module.num_sites > 1 else 0
+        site = module.upcoming_site()
         if not bool(module.calibrated[site]):
             module.calibrate(args[0], site)
 

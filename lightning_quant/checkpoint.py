@@ -12,6 +12,7 @@ from torch import nn
 from lightning_quant.config import config_from_dict
 from lightning_quant.surgery import QuantizationPlan, inject_quantizers
 
+#: Key of the checkpoint entry the callbacks write (``on_save_checkpoint``) and :func:`load_from_checkpoint` reads.
 CHECKPOINT_KEY = "lightning_quant"
 M = TypeVar("M", bound=nn.Module)
 

@@ -104,17 +104,3 @@ def swap_layer(layer: nn.Module, weight_quantizer: WeightQuantizer) -> nn.Module
             twin.__dict__[key] = type(layer.__dict__[key])(layer.__dict__[key])
     twin.weight_quantizer = weight_quantizer
     return twin
-
-
-def unswap_layer(layer: nn.Module) -> nn.Module:
-    """Return the float layer behind a quantized twin (same Parameters), dropping its weight quantizer."""
-    for base, twin_cls in QUANTIZED_TWINS.items():
-        if type(layer) is twin_cls:
-            plain = base.__new__(base)
-            plain.__dict__.update(layer.__dict__)
-            for key in _CONTAINERS:
-                if key in layer.__dict__:
-                    plain.__dict__[key] = type(layer.__dict__[key])(layer.__dict__[key])
-            del plain._modules["weight_quantizer"]
-            return plain
-    raise TypeError(f"{type(layer).__name__} is not a quantized layer")

@@ -275,18 +275,9 @@ def _execution_order(
             name, kind, _ = slots[k % len(slots)]
             events.append(_Event(name, kind, 0))
 
-    seen: set[int] = set()
-    handles = []
-    for name, _ in activation_slots:
-        module = modules[name]
-        if id(module) not in seen:
-            seen.add(id(module))
-            handles.append(module.register_forward_pre_hook(hook))
-    for name in weight_slots:
-        module = modules[name]
-        if id(module) not in seen:
-            seen.add(id(module))
-            handles.append(module.register_forward_pre_hook(hook))
+    # One hook per module instance; `by_module` already maps an instance to every slot it sits in.
+    by_id = {id(modules[name]): modules[name] for name in (*dict(activation_slots), *weight_slots)}
+    handles = [module.register_forward_pre_hook(hook) for module in by_id.values()]
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -371,6 +362,7 @@ def inject_quantizers(
     sites_of = dict(activation_slots)
 
     order_used = "registration"
+    dry_run_warnings: list[str] = []
     edges_of: dict[tuple[str, int], str] = {}
     first_weight = weight_names[0] if weight_names else None
     last_weight = weight_names[-1] if weight_names else None
@@ -379,16 +371,13 @@ def inject_quantizers(
         try:
             found = _edges_by_execution(_execution_order(model, activation_slots, weight_names, example_input))
         except Exception as err:  # a dry run that fails must not stop training: fall back, and say so
-            warnings_out = f"{type(model).__name__}: the dry run on example_input failed ({err!r}); first/last"
-            warnings_out += " layers follow registration order instead."
-            pending_warnings = [warnings_out]
-        else:
-            pending_warnings = []
+            dry_run_warnings.append(
+                f"{type(model).__name__}: the dry run on example_input failed ({err!r}); first/last layers follow"
+                " registration order instead."
+            )
         if found is not None:
             first_weight, last_weight, edges_of = found
             order_used = "execution"
-    else:
-        pending_warnings = []
     if order_used == "registration":
         order = {name: i for i, (name, *_rest) in enumerate(slots)}
         # Activations registered after the second-to-last weight layer feed the last layer.
@@ -411,7 +400,7 @@ def inject_quantizers(
         return None, edge
 
     plan = QuantizationPlan(order=order_used)
-    plan.warnings.extend(pending_warnings)
+    plan.warnings.extend(dry_run_warnings)
     twins: dict[int, nn.Module] = {}
     reset_hooks: dict[int, tuple[nn.Module, list[str]]] = {}
     for name, parent, attr, child in slots:

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_quant.checkpoint import CHECKPOINT_KEY
 from lightning_quant.config import QuantConfig
 from lightning_quant.functional import fused
 from lightning_quant.optim import (
@@ -42,8 +43,6 @@ from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer
 from lightning_quant.schedules import Schedule
 from lightning_quant.surgery import QuantizationPlan, inject_quantizers
 
-#: Key of the checkpoint entry that :func:`lightning_quant.load_from_checkpoint` reads.
-CHECKPOINT_KEY = "lightning_quant"
 CHECKPOINT_VERSION = 1
 
 
@@ -181,15 +180,15 @@ class QuantizationCallback(Callback):
         self._group = None
         params = [p for _, p in self.quantizer_parameters(pl_module)]
         if params and trainer.optimizers and self.quantizer_lr is not None:
-            opt_index, group_index, source = self._add_group(trainer, params)
-            self._group = (opt_index, group_index)
+            self._group = self._add_group(trainer, params)
         self.apply_schedule_values(pl_module, self.schedule_values(trainer.current_epoch, self._max_epochs(trainer)))
 
-    def _add_group(self, trainer: pl.Trainer, params: list[nn.Parameter]) -> tuple[int, int, int]:
+    def _add_group(self, trainer: pl.Trainer, params: list[nn.Parameter]) -> tuple[int, int]:
+        """Add (or find) the quantizer group; returns ``(optimizer index, group index)``."""
         for i, optimizer in enumerate(trainer.optimizers):
             existing = find_quantizer_group(optimizer)
             if existing is not None:  # the user returned an optimizer this callback already extended
-                return i, existing, 0
+                return i, existing
         opt_index, group_index, source = add_quantizer_group(
             trainer.optimizers, params, self.quantizer_lr, self.quantizer_weight_decay
         )
@@ -199,7 +198,7 @@ class QuantizationCallback(Callback):
                 extend_scheduler(config.scheduler, source, self.quantizer_lr)
         if self.lr_schedule == "constant":
             set_group_lr(optimizer, group_index, self.quantizer_lr)
-        return opt_index, group_index, source
+        return opt_index, group_index
 
     @staticmethod
     def _max_epochs(trainer: pl.Trainer) -> int:

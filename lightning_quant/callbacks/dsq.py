@@ -167,7 +167,7 @@ def _calibrate_on_first_call(module: DSQActivation, args: tuple) -> None:
     Every DDP rank runs the same forwards in the same order, so the collective calls line up; reducing the min and
     max gives every rank the range of the union of their batches.
     """
-    site = module._next_site if module.num_sites > 1 else 0
+    site = module.upcoming_site()
     if bool(module.calibrated[site]):
         return
     stats = module.range_statistics(args[0])

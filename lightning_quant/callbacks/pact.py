@@ -116,7 +116,7 @@ class PACTCallback(QuantizationCallback):
         def hook(module: PACTActivation, args: tuple) -> None:
             if not module.training:
                 return
-            site = module._next_site if module.num_sites > 1 else 0
+            site = module.upcoming_site()
             key = module.site_names(name)[site]
             peak = args[0].detach().amax().float()
             previous = self._max_seen.get(key)

@@ -62,6 +62,10 @@ class ActivationQuantizer(nn.Module):
         """Bit width of one call site (None: float)."""
         return self.bits if self.site_bits is None else self.site_bits[site]
 
+    def upcoming_site(self) -> int:
+        """The call site the next forward will use (for forward pre-hooks that look at a site's input)."""
+        return self._next_site if self.num_sites > 1 else 0
+
     def reset_sites(self) -> None:
         """Start counting call sites from the first one again (called before each parent forward)."""
         self._next_site = 0
