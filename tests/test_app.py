@@ -189,11 +189,13 @@ def test_sweep_over_methods_and_bits(tmp_path: Path) -> None:
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 4
 
 
-def test_dsq_and_quant_noise_sweep(tmp_path: Path) -> None:
+def test_sweep_over_all_methods(tmp_path: Path) -> None:
     _needs("DSQCallback")
     _needs("QuantNoiseCallback")
-    run_app("-m", "quant=dsq,quant_noise", *FAST, f"hydra.sweep.dir={tmp_path}")
+    # The issues' sweep: every method in one -m run.
+    run_app("-m", "quant=none,pact,dsq,quant_noise", *FAST, f"hydra.sweep.dir={tmp_path}")
     rows = {r["quant"]: r for r in (read_results(p.parent) for p in tmp_path.glob("*/results.json"))}
+    assert set(rows) == {"none", "pact", "dsq", "quant_noise"}
     assert rows["dsq"]["act_bits"] == 4 and rows["dsq"]["callback"]["class"].endswith("DSQCallback")
     assert rows["quant_noise"]["act_bits"] is None and rows["quant_noise"]["weight_bits"] == 4
 
