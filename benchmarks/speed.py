@@ -3,9 +3,16 @@ whole training steps of the demo CNN against the float step. Not a test.
 
 Everything is timed in one process, interleaved (each repetition runs every case once, in a rotating order) so that
 the load of the machine hits every case alike, and reported as the median over the repetitions. Our quantizers run
-twice: with the fused kernels eager (``set_compiled(False)``) and compiled (``set_compiled(True)``); the values are
-the same either way (``tests/test_fused.py``), only the speed differs. The first call of a compiled case includes the
-compilation; that start-up cost is reported separately and is not in the medians.
+in up to three modes, with the same values in each (``tests/test_fused.py``, ``tests/test_native.py``); only the
+speed differs:
+
+* ``eager``: plain torch ops (``set_compiled(False)``);
+* ``compiled``: the fused kernels compiled by inductor, native kernels off (``set_compiled(True)``);
+* ``native``: the C/OpenMP kernels of ``lightning_quant/csrc`` (PACT, DoReFa, DSQ on CPU float32), inductor for the
+  rest. For PACT this is what the callbacks run by default.
+
+The first call of a compiled case includes the compilation; that start-up cost is reported separately and is not in
+the medians, as is the one-time build of the native library.
 
 Sections:
 
@@ -48,6 +55,7 @@ from dataclasses import dataclass, field
 # --fresh-cache must act before torch (inductor) is imported.
 if "--fresh-cache" in sys.argv:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lq_inductor_")
+    os.environ["LIGHTNING_QUANT_CACHE"] = tempfile.mkdtemp(prefix="lq_native_")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -57,7 +65,7 @@ from torch import Tensor, nn  # noqa: E402
 from lightning_quant import inject_quantizers  # noqa: E402
 from lightning_quant.config import DSQConfig, PACTConfig, QuantConfig, QuantNoiseConfig  # noqa: E402
 from lightning_quant.demos import DemoCNN  # noqa: E402
-from lightning_quant.functional import fused  # noqa: E402
+from lightning_quant.functional import fused, native  # noqa: E402
 from lightning_quant.quantizers import (  # noqa: E402
     DoReFaWeight,
     DSQActivation,
@@ -70,7 +78,10 @@ ACT_SHAPE = (64, 64, 32, 32)
 WEIGHT_SHAPE = (256, 256, 3, 3)
 CONV_INPUT = (8, 256, 8, 8)
 BATCH = (64, 1, 28, 28)
-MODES = {"eager": False, "compiled": True}
+# mode -> (fused.set_compiled value, native kernels on). "native" is what the callbacks run by default for PACT and
+# DoReFa on CPU float32 (and with compile_quantizers=True); "compiled" is inductor alone, "eager" plain torch ops.
+MODES = {"eager": (False, False), "compiled": (True, False), "native": (True, True)}
+NATIVE_ROWS = ("PACT", "DoReFa", "DSQ")  # the quantizers with native kernels; other rows skip the "native" mode
 DEVICE = torch.device("cpu")
 
 
@@ -104,10 +115,20 @@ def in_mode(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
         return fn
 
     def run() -> object:
-        with fused.use_compiled(MODES[mode]):
-            return fn()
+        compiled, use_native = MODES[mode]
+        native.set_enabled(use_native)
+        try:
+            with fused.use_compiled(compiled):
+                return fn()
+        finally:
+            native.set_enabled(True)
 
     return run
+
+
+def modes_for(name: str) -> list[str]:
+    """Every mode for the quantizers with native kernels, eager and compiled for the others."""
+    return [m for m in MODES if m != "native" or name.startswith(NATIVE_ROWS)]
 
 
 def saved_bytes_per_element(forward: Callable[[], Tensor], numel: int) -> float:
@@ -170,7 +191,7 @@ def activation_cases(quick: bool) -> list[Case]:
         ("DSQ A4 (DSQActivation)", lambda: dsq(x), [x, dsq.lower, dsq.upper]),
     ]
     for name, fwd, inputs in ours:
-        for mode in MODES:
+        for mode in modes_for(name):
             case = Case("act", name, in_mode(mode, grad_step(fwd, inputs, g)), mode=mode, reference="ReLU")
             case.saved = saved_bytes_per_element(in_mode(mode, fwd), n)
             cases.append(case)
@@ -222,7 +243,7 @@ def weight_cases(quick: bool) -> list[Case]:
         ("QuantNoise block, p=0.1", block, []),
     ]
     for name, module, params in ours:
-        for mode in MODES:
+        for mode in modes_for(name):
             fwd = lambda module=module: module(w)  # noqa: E731
             case = Case("weight", name, in_mode(mode, grad_step(fwd, [w, *params], gw)), mode, "ReLU on the weight")
             case.saved = saved_bytes_per_element(in_mode(mode, fwd), n)
@@ -298,7 +319,7 @@ def step_cases(quick: bool) -> list[Case]:
         ours.insert(1, ("PACT A4 (float weights)", PACTConfig(act_bits=4, weight_bits=None), None))
         ours.append(("QuantNoise block, p=0.1", QuantNoiseConfig(weight_bits=4, mode="block"), 0.1))
     for name, config, p in ours:
-        for mode in MODES:
+        for mode in modes_for(name):
             cases.append(Case("step", name, in_mode(mode, make(config, p)), mode, "float (DemoCNN)"))
     cases.append(
         Case(
@@ -360,7 +381,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 repetitions, 2 warm-up calls, fewer rows")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--sections", nargs="+", default=["act", "weight", "step"], choices=["act", "weight", "step"])
-    parser.add_argument("--fresh-cache", action="store_true", help="empty inductor cache: cold compile start-up")
+    parser.add_argument(
+        "--fresh-cache", action="store_true", help="empty inductor and native caches: cold compile start-up"
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--act-batch", type=int, default=ACT_SHAPE[0], help="batch of the activation tensor")
@@ -380,6 +403,11 @@ def main() -> None:
     print(f"repetitions: {args.reps} timed (interleaved, median) after {args.warmup} warm-up calls per row")
     print(f"activation tensor {ACT_SHAPE} float32; weight {WEIGHT_SHAPE}, conv input {CONV_INPUT}; step batch {BATCH}")
     print(f"inductor cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default (may be warm)')}\n")
+
+    start = time.perf_counter()
+    library = native.library()
+    build_s = time.perf_counter() - start
+    print(f"native kernels: {'loaded' if library else native.build_error()} in {build_s:.2f} s (build or cache)\n")
 
     builders = {"act": activation_cases, "weight": weight_cases, "step": step_cases}
     titles = {
@@ -407,6 +435,7 @@ def main() -> None:
         for inputs, seconds in st["first_call_seconds"].items():
             print(f"- {name} ({inputs}): {seconds:.2f} s")
             total += seconds
+    print(f"- native library (C compiler or disk cache): {build_s:.2f} s")
     print(f"- all kernels together: {total:.1f} s ({os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')} cache)")
     failed = {k: st["failed"] for k, st in stats.items() if st["failed"]}
     if failed:
@@ -437,6 +466,7 @@ def main() -> None:
                 for c in cases
             ],
             "compile_stats": stats,
+            "native_build_s": build_s,
         }
         with open(args.json, "w") as f:
             json.dump(data, f, indent=2)

@@ -16,9 +16,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same, grads_of, pact_input, saved_bytes
 from torch import Tensor, nn
 
-from lightning_quant.functional import fused
+from lightning_quant.functional import fused, native
 from lightning_quant.functional.dorefa import dorefa_quantize_weight
 from lightning_quant.functional.dsq import dsq_quantize
 from lightning_quant.functional.pact import pact_quantize
@@ -26,34 +27,15 @@ from lightning_quant.functional.quant_noise import block_noise, fake_quantize_af
 from lightning_quant.functional.ste import round_ste
 from lightning_quant.quantizers import DoReFaWeight, DSQActivation, DSQWeight, PACTActivation, QuantNoiseWeight
 
-_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def assert_same(a: Tensor | None, b: Tensor | None) -> None:
-    """Bit-identical up to the sign of zero and NaN payloads (see the module docstring)."""
-    assert (a is None) == (b is None)
-    if a is None or b is None:
-        return
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if not a.is_floating_point():
-        assert torch.equal(a, b)
-        return
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    assert torch.equal(nan_a, nan_b), "NaN positions differ"
-    bits_a = a.detach().contiguous().view(_INT[a.element_size()])
-    bits_b = b.detach().contiguous().view(_INT[b.element_size()])
-    ok = (bits_a == bits_b) | nan_a | ((a == 0) & (b == 0))
-    bad = (~ok).nonzero()
-    assert bad.numel() == 0, (
-        f"{bad.shape[0]} elements differ, first at {bad[0].tolist()}: {a[tuple(bad[0])]} vs {b[tuple(bad[0])]}"
-    )
-
 
 @pytest.fixture(autouse=True)
 def _restore_mode():
+    # The native CPU kernels would take the float32 cases from inductor: off here (tests/test_native.py has them).
     mode = fused.get_compiled()
+    native.set_enabled(False)
     yield
     fused.set_compiled(mode)
+    native.set_enabled(True)
 
 
 def both_modes(fn):
@@ -63,13 +45,6 @@ def both_modes(fn):
         with fused.use_compiled(mode):
             out.append(fn())
     return out
-
-
-def grads_of(fn, *leaves: Tensor, grad: Tensor) -> list[Tensor | None]:
-    leaves = tuple(t.detach().clone().requires_grad_(True) for t in leaves)
-    out = fn(*leaves)
-    out.backward(grad)
-    return [out.detach(), *(t.grad for t in leaves)]
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -92,7 +67,9 @@ class _ReferencePACT(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (code,) = ctx.saved_tensors
         acc = torch.promote_types(grad.dtype, torch.float32)
-        grad_alpha = (grad.to(acc) * (code == 2).to(acc)).sum().to(ctx.alpha_dtype).reshape(ctx.alpha_shape)
+        terms = grad.to(acc) * (code == 2).to(acc)
+        # Summed in float64 since the native kernels (one accumulation for every path; see functional/native.py).
+        grad_alpha = terms.sum(dtype=torch.float64).to(acc).to(ctx.alpha_dtype).reshape(ctx.alpha_shape)
         return grad * (code == 1).to(grad.dtype), grad_alpha, None
 
 
@@ -102,17 +79,6 @@ def reference_dorefa(w: Tensor, bits: int) -> Tensor:
     t = torch.tanh(w)
     r = t / (2 * t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)) + 0.5
     return 2 * (round_ste(r * levels) / levels) - 1
-
-
-def pact_input(n: int, alpha: float, bits: int, dtype: torch.dtype, seed: int) -> Tensor:
-    """Random values below, inside and above the clip, then the boundaries: 0, -0, alpha, level midpoints, NaN, inf."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.rand(n, generator=g, dtype=torch.float64) * 1.6 - 0.3) * alpha
-    step = alpha / (2**bits - 1)
-    inf = float("inf")
-    special = [0.0, -0.0, alpha, -1e-30, 0.5 * step, 1.5 * step, alpha - 0.5 * step, float("nan"), inf, -inf]
-    x[: len(special)] = torch.tensor(special, dtype=torch.float64)
-    return x.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ PACT
@@ -178,20 +144,6 @@ def test_pact_non_contiguous_input_takes_the_eager_path_with_the_same_values() -
 
 
 # ------------------------------------------------------------------------------------------------ saved bytes
-
-
-def saved_bytes(forward) -> int:
-    seen: dict[tuple, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))] = (
-            t.numel() * t.element_size()
-        )
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -279,9 +231,14 @@ def test_dorefa_compiled_equals_eager_and_reference(bits: int, shape: tuple[int,
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(50 + bits))
     eager, compiled = both_modes(lambda: grads_of(lambda w: dorefa_quantize_weight(w, bits), w, grad=grad))
     reference = grads_of(lambda w: reference_dorefa(w, bits), w, grad=grad)
-    for e, c, r in zip(eager, compiled, reference):
+    for e, c in zip(eager, compiled):
         assert_same(e, c)
-        assert_same(e, r)
+    assert_same(eager[0], reference[0])
+    # The max's gradient carries a sum over every element: autograd's is float32, ours float64-accumulated (the
+    # same in every path since the native kernels), so there the two agree to float32 rounding; elsewhere, exactly.
+    at_max = torch.tanh(w).abs() == torch.tanh(w).abs().max()
+    assert_same(eager[1][~at_max], reference[1][~at_max])
+    torch.testing.assert_close(eager[1][at_max], reference[1][at_max], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(32, 16, 3, 3), (24, 64), (16, 32, 1, 1)])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_quant.functional import fused
+from lightning_quant.functional import fused, native
 
 # The function is written out as an autograd Function whose per-element work runs in fused kernels (eager or compiled,
 # bit-identical; functional/fused.py). Its backward is the exact sequence of operations autograd ran through the
@@ -59,20 +59,38 @@ class _DoReFaFunction(torch.autograd.Function):
         flat = fused.fusable(t)
         # An all-zero weight would divide by zero; its quantized value is then 0.5 -> the middle level.
         tiny = torch.finfo(t.dtype).tiny
-        out, m, d = _forward(t.view(-1), levels, tiny) if flat else _forward.eager(t, levels, tiny)
-        ctx.save_for_backward(t, m, d)
         ctx.levels = levels
         ctx.tiny = tiny
+        lib = native.applies(t) if t.numel() > 0 else None
+        if lib is not None:
+            out, m, d = torch.empty_like(t), t.new_empty(()), t.new_empty(())
+            lib.lq_dorefa_forward_f32(
+                t.data_ptr(), out.data_ptr(), m.data_ptr(), d.data_ptr(), t.numel(), levels, tiny, native.threads()
+            )
+            ctx.save_for_backward(t, m, d)
+            return out
+        out, m, d = _forward(t.view(-1), levels, tiny) if flat else _forward.eager(t, levels, tiny)
+        ctx.save_for_backward(t, m, d)
         return out.view(t.shape) if flat else out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         t, m, d = ctx.saved_tensors
         levels = ctx.levels
+        lib = native.applies(t) if grad.dtype == torch.float32 else None
+        if lib is not None:
+            grad = grad.contiguous()
+            g_t = torch.empty_like(t)
+            lib.lq_dorefa_backward_f32(
+                grad.data_ptr(), t.data_ptr(), g_t.data_ptr(), t.numel(), float(m), float(d), levels, ctx.tiny,
+                native.threads(),
+            )
+            return torch.ops.aten.tanh_backward(g_t, t), None
         flat = fused.fusable(grad, t)
         g, tf = (grad.view(-1), t.view(-1)) if flat else (grad, t)
         terms, count = _backward_terms(g, tf, d, m, levels) if flat else _backward_terms.eager(g, tf, d, m, levels)
-        g_d = terms.sum()
+        # Accumulated in float64 (as the native kernel does), rounded to the terms' dtype.
+        g_d = terms.sum(dtype=torch.float64).to(terms.dtype)
         g_m = torch.where(m >= ctx.tiny, g_d * 2, torch.zeros_like(g_d))
         share = g_m / count
         g_t = _backward(g, tf, d, m, share, levels) if flat else _backward.eager(g, tf, d, m, share, levels)

@@ -66,9 +66,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_quant.functional import fused
+from lightning_quant.functional import fused, native
 from lightning_quant.quantizers.base import check_bits
 
 __all__ = [
@@ -352,6 +353,67 @@ def _fused_backward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor,
     return grad_x, grad_l, grad_u, grad_a, None, None
 
 
+# ------------------------------------------------------------------------------------------------ native path
+# On CPU float32 with one finite range and a fixed alpha (the default of both DSQ modules), the forward and the
+# backward each run in one pass of the C kernels (csrc/quant_kernels.c), with the activation folded in. The forward
+# is bit-identical to the torch code; the backward evaluates tanh with its own vectorized polynomial, so the
+# gradients agree with the torch path to float32 rounding (a few ulp), not bit for bit. A learned alpha (its
+# gradient needs sinh as well) takes the torch path.
+
+_ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+
+
+def _native_applies(x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor) -> bool:
+    if alpha.requires_grad or native.applies(x, lower, upper, alpha) is None:
+        return False
+    if x.numel() == 0 or lower.numel() != 1 or upper.numel() != 1 or alpha.numel() != 1:
+        return False
+    # Bounds broadcast into x's shape only if they have no more dimensions than x.
+    if max(lower.dim(), upper.dim(), alpha.dim()) > x.dim():
+        return False
+    return bool(torch.isfinite(lower).all() and torch.isfinite(upper).all())
+
+
+class _DSQNativeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float, act):
+        n = 2**bits - 1
+        lo = lower.reshape(())
+        up_eff, delta = _range(lo, upper.reshape(()), n, min_width)
+        _, c = _sharpness(alpha.reshape(()))
+        ctx.save_for_backward(x)
+        ctx.scalars = (float(lo), float(up_eff), float(delta), n, float(c), float(torch.tanh(0.5 * c)))
+        ctx.pre = _ACTIVATIONS[act]
+        ctx.bound_shapes = (lower.shape, upper.shape)
+        q = torch.empty_like(x)
+        lib = native.library()
+        lib.lq_dsq_forward_f32(x.data_ptr(), q.data_ptr(), x.numel(), *ctx.scalars[:4], ctx.pre, native.threads())
+        return q
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty_like(x)
+        sums = torch.zeros(2, dtype=torch.float64)
+        lib = native.library()
+        lib.lq_dsq_backward_f32(
+            x.data_ptr(),
+            grad_out.data_ptr(),
+            grad_x.data_ptr(),
+            sums.data_ptr(),
+            x.numel(),
+            *ctx.scalars,
+            ctx.pre,
+            native.threads(),
+        )
+        need_x, need_l, need_u = ctx.needs_input_grad[:3]
+        sums = sums.to(x.dtype)
+        grad_l = sums[0].reshape(ctx.bound_shapes[0]) if need_l else None
+        grad_u = sums[1].reshape(ctx.bound_shapes[1]) if need_u else None
+        return (grad_x if need_x else None), grad_l, grad_u, None, None, None, None
+
+
 def _dg_dc(g: Tensor, y: Tensor, c: Tensor) -> Tensor:
     """``d g / d c`` for ``g = 0.5 * tanh(c y) / tanh(c / 2)``, stable for small ``c``.
 
@@ -385,11 +447,15 @@ def dsq_quantize(
     alpha: Bound,
     bits: int,
     min_width: float = DEFAULT_MIN_WIDTH,
+    activation: str | None = None,
 ) -> Tensor:
     """DSQ fake quantization: the exact hard levels forward, the soft curve's gradient backward.
 
     Differentiable with respect to ``x``, ``lower``, ``upper`` and ``alpha``; the conventions (boundaries, bin
     centres, the gradients of the bounds, NaN and inf) are listed in the module docstring.
+
+    ``activation="relu"`` (or ``"relu6"``) quantizes ``relu(x)``: the same values and gradients as
+    ``dsq_quantize(F.relu(x), ...)``, in one pass where the native CPU kernels apply (:mod:`.native`).
 
     Args:
         x: Input of any shape and floating dtype.
@@ -398,16 +464,24 @@ def dsq_quantize(
         alpha: Characteristic variable in ``(0, 1)``, same forms; clamped into ``[ALPHA_EPS, 1 - ALPHA_EPS]``.
         bits: Bit width, an int in 1..16 (``2^bits`` levels).
         min_width: Smallest range width used by the forward when ``upper - lower`` is smaller.
+        activation: None, ``"relu"`` or ``"relu6"``: applied to ``x`` first.
 
     Returns:
         The quantized tensor, in ``x``'s dtype, of the broadcast shape of the inputs.
 
     Raises:
-        ValueError: If ``bits`` is not an int in 1..16 or ``min_width`` is not a finite number > 0.
+        ValueError: If ``bits`` is not an int in 1..16, ``min_width`` is not a finite number > 0 or ``activation`` is
+            not one of the values above.
     """
     check_bits(bits, "bits")
     _check_min_width(min_width)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"`activation` must be None, 'relu' or 'relu6', got {activation!r}.")
     lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
+    if _native_applies(x, lo, up, al):
+        return _DSQNativeFunction.apply(x, lo, up, al, bits, float(min_width), activation)
+    if activation is not None:
+        x = F.relu(x) if activation == "relu" else F.relu6(x)
     return _DSQFunction.apply(x, lo, up, al, bits, float(min_width))
 
 

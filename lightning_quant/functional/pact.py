@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_quant.functional import fused
+from lightning_quant.functional import fused, native
 
 # Per-element bodies, run eagerly or as one compiled kernel each (functional/fused.py); bit-identical either way.
 
@@ -81,7 +81,14 @@ class _PACTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, levels: int) -> Tensor:
         a, scale, step = _clip_and_scales(x, alpha, levels)
-        if fused.fusable(x):
+        lib = native.applies(x) if x.numel() > 0 else None
+        if lib is not None:
+            q, code = torch.empty_like(x), torch.empty(x.shape, dtype=torch.int8)
+            lib.lq_pact_forward_f32(
+                x.data_ptr(), q.data_ptr(), code.data_ptr(), x.numel(), float(a), float(scale), float(step),
+                native.threads(),
+            )
+        elif fused.fusable(x):
             q, code = _forward(x.view(-1), a, scale, step)
             q, code = q.view(x.shape), code.view(x.shape)
         else:
@@ -95,12 +102,26 @@ class _PACTFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         (code,) = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[:2]
+        lib = native.applies(code) if grad.dtype == torch.float32 else None
+        if lib is not None:
+            grad = grad.contiguous()  # e.g. the expanded gradient of a `.sum()`; the code is contiguous
+            grad_x = torch.empty_like(grad) if need_x else None
+            total = lib.lq_pact_backward_f32(
+                grad.data_ptr(), code.data_ptr(), grad_x.data_ptr() if need_x else None, grad.numel(),
+                int(need_alpha), native.threads(),
+            )
+            grad_alpha = None
+            if need_alpha:
+                grad_alpha = torch.tensor(total, dtype=torch.float64).to(grad.dtype).to(ctx.alpha_dtype)
+                grad_alpha = grad_alpha.reshape(ctx.alpha_shape)
+            return grad_x, grad_alpha, None
         flat = fused.fusable(grad, code)
         g, c = (grad.view(-1), code.view(-1)) if flat else (grad, code)
         grad_x = grad_alpha = None
         if need_alpha:
             grad_x, terms = _backward_x_alpha(g, c) if flat else _backward_x_alpha.eager(g, c)
-            grad_alpha = terms.sum().to(ctx.alpha_dtype).reshape(ctx.alpha_shape)
+            # Accumulated in float64 (see the module docstring), rounded like the per-element terms.
+            grad_alpha = terms.sum(dtype=torch.float64).to(terms.dtype).to(ctx.alpha_dtype).reshape(ctx.alpha_shape)
         elif need_x:
             grad_x = _backward_x(g, c) if flat else _backward_x.eager(g, c)
         if grad_x is not None and flat:

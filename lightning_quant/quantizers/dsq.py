@@ -204,7 +204,8 @@ class DSQActivation(_TemperatureMixin, ActivationQuantizer):
             alpha = _squash(self.temperature_logit[site])
         else:
             alpha = self.temperature[site]
-        return dsq_quantize(self._activation(x), self.lower[site], self.upper[site], alpha, self.bits_at(site))
+        activation = "relu6" if self.relu6 else "relu"
+        return dsq_quantize(x, self.lower[site], self.upper[site], alpha, self.bits_at(site), activation=activation)
 
     @torch.no_grad()
     def range_statistics(self, x: Tensor, quantile: float = 1.0) -> Tensor:

@@ -1,0 +1,193 @@
+/* Native CPU kernels for the PACT activation and the DoReFa weight quantizer (float32, contiguous).
+ *
+ * Plain C with OpenMP, compiled on first use by lightning_quant/functional/native.py and called through ctypes with
+ * raw data pointers: no torch headers, so it builds in about a second. Each function is one pass over memory (two
+ * for DoReFa, whose second pass needs a reduction of the first), where the torch version needs several kernels and
+ * temporary tensors.
+ *
+ * The arithmetic is the torch code's, operation for operation, in float32 and in the same order; the build uses
+ * -ffp-contract=off (no fused multiply-add) and no fast-math, so every per-element value is bit-identical to eager
+ * torch (tests/test_native.py). Reductions accumulate in float64, as the torch code does (`sum(dtype=float64)`),
+ * so the summation order, which differs, almost never shows in the float32 result.
+ *
+ * Sums are `omp simd` reductions: each vector lane and thread keeps its own float64 partial sum, added at the end
+ * in an order fixed by the thread count (an in-order sum cannot be vectorized).
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* Below this many elements a parallel region costs more than it saves. */
+#define PARALLEL_MIN 32768
+
+/* PACT forward: q = round(clamp(x, 0, a) * scale) * step, and the code 0 (x < 0 or NaN), 1 (0 <= x < a), 2 (x >= a).
+ * clamp propagates NaN like torch.clamp (both comparisons are false for NaN). */
+void lq_pact_forward_f32(const float *x, float *q, int8_t *code, int64_t n, float a, float scale, float step,
+                         int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; ++i) {
+        float v = x[i];
+        float y = v < 0.0f ? 0.0f : v;
+        y = y > a ? a : y;
+        q[i] = rintf(y * scale) * step; /* rintf rounds half to even, as torch.round */
+        code[i] = (int8_t)(v >= a ? 2 : (v >= 0.0f ? 1 : 0));
+    }
+}
+
+/* PACT backward: grad_x = g * (code == 1), and returns sum(g * (code == 2)) (the alpha gradient) in float64.
+ * Products, not selects: g * 0 is NaN for an infinite g, as in torch. grad_x may be NULL (alpha only). */
+double lq_pact_backward_f32(const float *g, const int8_t *code, float *grad_x, int64_t n, int want_alpha,
+                            int threads) {
+    if (!want_alpha) {
+        if (grad_x) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
+            for (int64_t i = 0; i < n; ++i) grad_x[i] = g[i] * (code[i] == 1 ? 1.0f : 0.0f);
+        }
+        return 0.0;
+    }
+    double total = 0.0;
+    if (grad_x) {
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (n >= PARALLEL_MIN) reduction(+ : total)
+        for (int64_t i = 0; i < n; ++i) {
+            float gi = g[i];
+            int8_t c = code[i];
+            grad_x[i] = gi * (c == 1 ? 1.0f : 0.0f);
+            total += (double)(gi * (c == 2 ? 1.0f : 0.0f));
+        }
+    } else {
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (n >= PARALLEL_MIN) reduction(+ : total)
+        for (int64_t i = 0; i < n; ++i) total += (double)(g[i] * (code[i] == 2 ? 1.0f : 0.0f));
+    }
+    return total;
+}
+
+/* DoReFa forward on t = tanh(w): m = max|t| (NaN if any t is NaN, like torch.max), d = 2 * max(m, tiny),
+ * out = 2 * (round((t / d + 0.5) * levels) / levels) - 1. Writes m and d to one-element outputs. */
+void lq_dorefa_forward_f32(const float *t, float *out, float *m_out, float *d_out, int64_t n, float levels, float tiny,
+                           int threads) {
+    float m = 0.0f;
+    int nan_seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN) reduction(max : m) \
+    reduction(| : nan_seen)
+    for (int64_t i = 0; i < n; ++i) {
+        float v = fabsf(t[i]);
+        nan_seen |= v != v;
+        m = v > m ? v : m;
+    }
+    if (nan_seen) m = NAN;
+    float d = 2.0f * (m < tiny ? tiny : m); /* clamp_min keeps NaN */
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; ++i) out[i] = 2.0f * (rintf((t[i] / d + 0.5f) * levels) / levels) - 1.0f;
+    *m_out = m;
+    *d_out = d;
+}
+
+/* DoReFa backward up to tanh (the caller applies tanh_backward): with g_r = ((g * 2) / levels) * levels,
+ *   g_d   = sum(-g_r * ((t / d) / d))         (float64 accumulation, rounded to float32)
+ *   g_m   = m >= tiny ? g_d * 2 : 0
+ *   share = g_m / count(|t| == m)
+ *   g_t   = g_r / d + (|t| == m ? share : 0) * sgn(t)      with sgn(NaN) = 0, as torch.sgn */
+void lq_dorefa_backward_f32(const float *g, const float *t, float *g_t, int64_t n, float m, float d, float levels,
+                            float tiny, int threads) {
+    double total = 0.0;
+    int64_t count = 0;
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (n >= PARALLEL_MIN) reduction(+ : total, count)
+    for (int64_t i = 0; i < n; ++i) {
+        float g_r = ((g[i] * 2.0f) / levels) * levels;
+        total += (double)(-g_r * ((t[i] / d) / d));
+        count += fabsf(t[i]) == m;
+    }
+    float g_d = (float)total;
+    float g_m = m >= tiny ? g_d * 2.0f : 0.0f;
+    float share = g_m / (float)count;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; ++i) {
+        float ti = t[i];
+        float g_r = ((g[i] * 2.0f) / levels) * levels;
+        float sgn = ti > 0.0f ? 1.0f : (ti < 0.0f ? -1.0f : 0.0f);
+        g_t[i] = g_r / d + (fabsf(ti) == m ? share : 0.0f) * sgn;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- DSQ
+ * DSQ (functional/dsq.py) for one range [lo, up_eff] with bin width delta and nlev = 2^bits - 1 bins, optionally
+ * after the activation it replaces (pre: 0 none, 1 relu, 2 relu6), as if torch had run that activation first.
+ * The forward is the torch code's arithmetic, bit for bit. The backward needs tanh; libm's does not vectorize and
+ * torch's (SLEEF) cannot be called from here, so lq_tanhf below is its own (within 5 ulp of the exact value; torch's
+ * is within 1), and the backward multiplies by reciprocals where torch divides. The DSQ gradients therefore agree
+ * with the torch path to float32 rounding, not bit for bit (tests/test_native.py). */
+
+/* The activation as a clip to [floor, ceil]: (-inf, inf) for none, (0, inf) for relu, (0, 6) for relu6. Branch-free,
+ * so the loops vectorize; NaN passes through. */
+static inline float lq_activation(float v, float floor_, float ceil_) {
+    return v < floor_ ? floor_ : (v > ceil_ ? ceil_ : v);
+}
+
+/* tanh(z) as Eigen's float tanh: z * P(z^2) / Q(z^2), a rational minimax fit on [-7.9, 7.9] (where tanh rounds to
+ * +-1 in float32 beyond), evaluated with fused multiply-adds; within a few ulp of torch.tanh. */
+static inline float lq_tanhf(float z) {
+    const float bound = 7.90531110763549805f;
+    float x = z < -bound ? -bound : (z > bound ? bound : z);
+    float x2 = x * x;
+    float p = fmaf(x2, -2.76076847742355e-16f, 2.00018790482477e-13f);
+    p = fmaf(x2, p, -8.60467152213735e-11f);
+    p = fmaf(x2, p, 5.12229709037114e-08f);
+    p = fmaf(x2, p, 1.48572235717979e-05f);
+    p = fmaf(x2, p, 6.37261928875436e-04f);
+    p = fmaf(x2, p, 4.89352455891786e-03f);
+    p = x * p;
+    float q = fmaf(x2, 1.19825839466702e-06f, 1.18534705686654e-04f);
+    q = fmaf(x2, q, 2.26843463243900e-03f);
+    q = fmaf(x2, q, 4.89352518554385e-03f);
+    return p / q;
+}
+
+/* Forward: r = activation(x); t = (min(max(r, lo), up_eff) - lo) / delta; idx = clamp(round(t), 0, nlev);
+ * q = idx >= nlev ? up_eff : lo + idx * delta. The bounds are finite (the caller checks), so only r can be NaN. */
+void lq_dsq_forward_f32(const float *x, float *q, int64_t n, float lo, float up_eff, float delta, int nlev, int pre,
+                        int threads) {
+    const float top = (float)nlev, floor_ = pre ? 0.0f : -INFINITY, ceil_ = pre == 2 ? 6.0f : INFINITY;
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; ++i) {
+        float r = lq_activation(x[i], floor_, ceil_);
+        float m = r < lo ? lo : r; /* torch.maximum / minimum: NaN passes (both comparisons are false) */
+        m = m > up_eff ? up_eff : m;
+        float idx = rintf((m - lo) / delta);
+        idx = idx < 0.0f ? 0.0f : (idx > top ? top : idx);
+        q[i] = idx >= top ? up_eff : lo + idx * delta;
+    }
+}
+
+/* Backward through the soft value with the bin held fixed (functional/dsq.py, `_soft`), for a fixed alpha:
+ * grad_x, and sums[0] / sums[1] = the float64-accumulated gradients of lo / up. */
+void lq_dsq_backward_f32(const float *x, const float *go, float *grad_x, double *sums, int64_t n, float lo,
+                         float up_eff, float delta, int nlev, float c, float half_tanh, int pre, int threads) {
+    /* Reciprocals instead of divisions where that costs an ulp of relative error (the backward is not bit-exact
+     * anyway; see above). */
+    const float last = (float)(nlev - 1), half_c = 0.5f * c, inv_top = 1.0f / (float)nlev;
+    const float inv_half_tanh = 1.0f / half_tanh;
+    const float floor_ = pre ? 0.0f : -INFINITY, ceil_ = pre == 2 ? 6.0f : INFINITY;
+    const int always = pre == 0;
+    double sum_l = 0.0, sum_u = 0.0;
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (n >= PARALLEL_MIN) reduction(+ : sum_l, sum_u)
+    for (int64_t i = 0; i < n; ++i) {
+        float v = x[i], gv = go[i];
+        float r = lq_activation(v, floor_, ceil_);
+        int inside = r >= lo && r <= up_eff; /* false for NaN */
+        float t = ((inside ? r : lo) - lo) / delta; /* divided as torch does: y = t - bin - 0.5 cancels at 8+ bits */
+        float bin = floorf(t);
+        bin = bin < 0.0f ? 0.0f : (bin > last ? last : bin);
+        float y = t - bin - 0.5f;
+        float th = lq_tanhf(c * y);
+        float sech2 = 1.0f - th * th;
+        float g = 0.5f * th * inv_half_tanh;
+        float slope = half_c * sech2 * inv_half_tanh;
+        float d_up = ((g - y) + t * (1.0f - slope)) * inv_top;
+        float gr = inside ? gv * slope : 0.0f;
+        /* Where the activation passes its gradient, as torch's threshold_backward / hardtanh_backward select it. */
+        grad_x[i] = (always || (v > floor_ && v < ceil_)) ? gr : 0.0f;
+        sum_u += (double)(inside ? gv * d_up : (r > up_eff ? gv : 0.0f));
+        sum_l += (double)(inside ? gv * ((1.0f - slope) - d_up) : (r < lo ? gv : 0.0f));
+    }
+    sums[0] = sum_l;
+    sums[1] = sum_u;
+}

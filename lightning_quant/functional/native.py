@@ -1,0 +1,202 @@
+"""Native CPU kernels (``lightning_quant/csrc/quant_kernels.c``), built on first use and called through ``ctypes``.
+
+The PACT activation and the DoReFa weight quantizer run, on CPU float32 tensors, through a small C file with
+OpenMP: one pass over memory each way, no temporaries, no per-op dispatch. The C source includes no torch headers,
+so the system C compiler builds it in about a second; the shared library is cached under
+``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and this CPU's
+flags (it is built with ``-march=native``), so later processes load it at once.
+
+Values are the eager torch code's, bit for bit (``tests/test_native.py``): the C code does the same float32
+operations in the same order, built without fused multiply-add or fast-math. Reductions accumulate in float64 in
+both (another summation order changes a float64 sum in its last bits, which almost never reach the float32 result).
+
+The library links the OpenMP runtime by its soname, ``libgomp.so.1``, the one torch has already loaded: one thread
+pool, sized per call by ``torch.get_num_threads()``.
+
+Whether these kernels run follows :mod:`lightning_quant.functional.fused`'s switch: ``"on"`` and ``"auto"`` use
+them where they apply (CPU, float32, contiguous), ``"off"`` never does. If no C compiler is found or the build
+fails, :func:`library` warns once and returns None, and the quantizers use the torch kernels (same values).
+Set ``LIGHTNING_QUANT_NATIVE=0`` to never build or use them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lightning_quant.functional import fused
+
+__all__ = ["SOURCE", "applies", "build_error", "is_enabled", "library", "set_enabled", "threads"]
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.c"
+# No fused multiply-add and no fast-math: every value stays the eager one. -fno-trapping-math (FP exceptions are never
+# observed) and -fno-math-errno let GCC vectorize the selects and rintf; neither changes a result.
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+)
+
+_lock = threading.Lock()
+_enabled = True
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_tried = False
+
+_SIGNATURES = {
+    "lq_pact_forward_f32": (
+        None,
+        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int],
+    ),
+    "lq_pact_backward_f32": (
+        ctypes.c_double,
+        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int],
+    ),
+    "lq_dorefa_forward_f32": (
+        None,
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int],
+    ),
+    "lq_dorefa_backward_f32": (
+        None,
+        [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_int],
+    ),
+    "lq_dsq_forward_f32": (
+        None,
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int] * 3,
+    ),
+    "lq_dsq_backward_f32": (
+        None,
+        [ctypes.c_void_p] * 4
+        + [ctypes.c_int64]
+        + [ctypes.c_float] * 3
+        + [ctypes.c_int]
+        + [ctypes.c_float] * 2
+        + [ctypes.c_int] * 2,
+    ),
+}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LIGHTNING_QUANT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightning_quant")
+    return Path(root) / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / key / "quant_kernels.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes building at once (DDP ranks) never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on the first call; None if disabled or the build failed (warns once)."""
+    global _lib, _error, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            if os.environ.get("LIGHTNING_QUANT_NATIVE", "1").strip().lower() in ("0", "off", "false"):
+                raise RuntimeError("disabled by LIGHTNING_QUANT_NATIVE=0")
+            compiler = _compiler()
+            if compiler is None:
+                raise RuntimeError("no C compiler found (set CC)")
+            lib = ctypes.CDLL(str(_build(compiler)))
+            for name, (restype, argtypes) in _SIGNATURES.items():
+                function = getattr(lib, name)
+                function.restype = restype
+                function.argtypes = argtypes
+            _lib = lib
+        except Exception as error:  # noqa: BLE001 - any failure means: use the torch kernels
+            _error = f"{type(error).__name__}: {error}"
+            if "LIGHTNING_QUANT_NATIVE" not in _error:
+                warnings.warn(
+                    f"lightning_quant: the native CPU kernels are unavailable ({_error}); the quantizers use torch "
+                    "kernels instead (same values, slower). Install a C compiler with OpenMP (gcc) to get them.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        _tried = True
+    return _lib
+
+
+def set_enabled(enabled: bool) -> None:
+    """Use the native kernels where they apply (True, the default) or never (False: torch kernels only)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def is_enabled() -> bool:
+    """Whether the native kernels may be used (see :func:`set_enabled`)."""
+    return _enabled
+
+
+def build_error() -> str | None:
+    """Why :func:`library` returned None (None when it loaded or was not tried yet)."""
+    return _error
+
+
+def applies(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The library if these tensors can take the native kernels now: the switch is not ``"off"``, no compiler is
+    tracing, and every tensor is a contiguous CPU float32 (or int8 code) tensor. Else None."""
+    if not _enabled or fused.get_compiled() == "off" or torch.compiler.is_compiling():
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int8) or not t.is_contiguous():
+            return None
+    return library()
+
+
+def threads() -> int:
+    """Threads a native kernel uses: torch's intra-op count (``torch.set_num_threads``)."""
+    return torch.get_num_threads()
