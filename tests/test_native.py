@@ -341,3 +341,19 @@ def test_dsq_module_folds_its_activation(lib) -> None:
 def test_dsq_activation_argument_is_checked() -> None:
     with pytest.raises(ValueError, match=r"`activation` must be None, 'relu' or 'relu6', got 'gelu'"):
         dsq_quantize(torch.randn(3), 0.0, 1.0, 0.2, 4, activation="gelu")
+
+
+@pytest.mark.parametrize("alpha", [1e-9, -2.0, 0.75])
+def test_pact_native_alpha_floor_is_exact_and_straight_through(lib, alpha: float) -> None:
+    # An alpha under the floor: the forward clips at the floor, and alpha still gets the saturated points' gradient.
+    x = pact_input(5001, 1.0, 4, torch.float32, seed=11)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
+    a = torch.tensor([alpha])
+
+    def run(x: Tensor, a: Tensor) -> Tensor:
+        return pact_quantize(x, a, 4, min_alpha=1e-3)
+
+    eager, fast = eager_and_native(lambda: grads_of(run, x, a, grad=grad))
+    for e, f in zip(eager, fast):
+        assert_same(e, f)
+    assert float(fast[2]) != 0.0

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lightning_quant.functional import fused
 
-__all__ = ["SOURCE", "applies", "build_error", "is_enabled", "library", "set_enabled", "threads"]
+__all__ = ["SOURCE", "applies", "build_error", "is_enabled", "library", "set_enabled", "threads", "to_float32"]
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.c"
 # No fused multiply-add and no fast-math: every value stays the eager one. -fno-trapping-math (FP exceptions are never
@@ -195,6 +195,15 @@ def applies(*tensors: Tensor) -> ctypes.CDLL | None:
         if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int8) or not t.is_contiguous():
             return None
     return library()
+
+
+def to_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as torch rounds a float64 to float32), as a Python float.
+
+    Quotients of two float32 values computed in float64 and rounded this way are the correctly rounded float32
+    quotients (float64 has more than twice float32's precision), so scalars prepared in Python match torch's.
+    """
+    return ctypes.c_float(value).value
 
 
 def threads() -> int:

@@ -79,23 +79,29 @@ _backward_x_alpha = fused.FusedKernel("pact_backward_x_alpha", _backward_x_alpha
 
 class _PACTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, alpha: Tensor, levels: int) -> Tensor:
-        a, scale, step = _clip_and_scales(x, alpha, levels)
-        lib = native.applies(x) if x.numel() > 0 else None
+    def forward(ctx, x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> Tensor:
+        ctx.alpha_shape = alpha.shape
+        ctx.alpha_dtype = alpha.dtype
+        lib = native.applies(x, alpha) if x.numel() > 0 else None
         if lib is not None:
+            # The same float32 scalars as `_clip_and_scales`, without four tiny torch ops (see native.to_float32).
+            a = max(float(alpha.detach()), native.to_float32(min_alpha))
+            # torch computes `levels / a` as `a.reciprocal() * levels` (Tensor.__rtruediv__): two roundings.
+            scale = native.to_float32(native.to_float32(1.0 / a) * levels)
+            step = native.to_float32(a / levels)
             q, code = torch.empty_like(x), torch.empty(x.shape, dtype=torch.int8)
             lib.lq_pact_forward_f32(
-                x.data_ptr(), q.data_ptr(), code.data_ptr(), x.numel(), float(a), float(scale), float(step),
-                native.threads(),
+                x.data_ptr(), q.data_ptr(), code.data_ptr(), x.numel(), a, scale, step, native.threads()
             )
-        elif fused.fusable(x):
+            ctx.save_for_backward(code)
+            return q
+        a, scale, step = _clip_and_scales(x, alpha.clamp_min(min_alpha), levels)
+        if fused.fusable(x):
             q, code = _forward(x.view(-1), a, scale, step)
             q, code = q.view(x.shape), code.view(x.shape)
         else:
             q, code = _forward.eager(x, a, scale, step)
         ctx.save_for_backward(code)
-        ctx.alpha_shape = alpha.shape
-        ctx.alpha_dtype = alpha.dtype
         return q
 
     @staticmethod
@@ -107,14 +113,18 @@ class _PACTFunction(torch.autograd.Function):
             grad = grad.contiguous()  # e.g. the expanded gradient of a `.sum()`; the code is contiguous
             grad_x = torch.empty_like(grad) if need_x else None
             total = lib.lq_pact_backward_f32(
-                grad.data_ptr(), code.data_ptr(), grad_x.data_ptr() if need_x else None, grad.numel(),
-                int(need_alpha), native.threads(),
+                grad.data_ptr(),
+                code.data_ptr(),
+                grad_x.data_ptr() if need_x else None,
+                grad.numel(),
+                int(need_alpha),
+                native.threads(),
             )
             grad_alpha = None
             if need_alpha:
-                grad_alpha = torch.tensor(total, dtype=torch.float64).to(grad.dtype).to(ctx.alpha_dtype)
-                grad_alpha = grad_alpha.reshape(ctx.alpha_shape)
-            return grad_x, grad_alpha, None
+                # Rounded to float32 like the per-element terms, then to alpha's dtype (as the torch path does).
+                grad_alpha = torch.full(ctx.alpha_shape, native.to_float32(total), dtype=ctx.alpha_dtype)
+            return grad_x, grad_alpha, None, None
         flat = fused.fusable(grad, code)
         g, c = (grad.view(-1), code.view(-1)) if flat else (grad, code)
         grad_x = grad_alpha = None
@@ -126,18 +136,20 @@ class _PACTFunction(torch.autograd.Function):
             grad_x = _backward_x(g, c) if flat else _backward_x.eager(g, c)
         if grad_x is not None and flat:
             grad_x = grad_x.view(grad.shape)
-        return (grad_x if need_x else None), grad_alpha, None
+        return (grad_x if need_x else None), grad_alpha, None, None
 
 
-def pact_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
+def pact_quantize(x: Tensor, alpha: Tensor, bits: int, min_alpha: float = 0.0) -> Tensor:
     """PACT: clip ``x`` to ``[0, alpha]`` and quantize to ``2**bits`` levels, with the paper's gradients.
 
     Args:
         x: Input activations, any shape and floating dtype.
-        alpha: The clip, a one-element tensor (learned). Must be positive; callers clamp it.
+        alpha: The clip, a one-element tensor (learned). Must be positive, or ``min_alpha`` must be.
         bits: Bit width ``k``, 1..16.
+        min_alpha: The forward uses ``max(alpha, min_alpha)`` (in float32 when alpha is float32); the gradient of
+            alpha passes straight through that floor, so an alpha pushed below it (by weight decay) can come back.
 
     Returns:
         The fake-quantized activations, same shape and dtype as ``x``.
     """
-    return _PACTFunction.apply(x, alpha, 2**bits - 1)
+    return _PACTFunction.apply(x, alpha, 2**bits - 1, min_alpha)

@@ -35,11 +35,10 @@ class PACTActivation(ActivationQuantizer):
         self.alpha = nn.Parameter(torch.full((num_sites,), float(alpha_init)))
 
     def quantize(self, x: Tensor, site: int) -> Tensor:
-        alpha = self.alpha[site]
-        # Clamped with a straight-through gradient: an alpha pushed below MIN_ALPHA (by weight decay) can come back.
-        # `MIN_ALPHA + (alpha - alpha.detach())` is exactly MIN_ALPHA in value, with gradient 1.
-        alpha = torch.where(alpha >= MIN_ALPHA, alpha, MIN_ALPHA + (alpha - alpha.detach()))
-        return pact_quantize(x, alpha, self.bits_at(site))
+        # One site: the (1,)-shaped Parameter itself, which saves an index op and its backward.
+        alpha = self.alpha if self.num_sites == 1 else self.alpha[site]
+        # Floored with a straight-through gradient: an alpha pushed below MIN_ALPHA (by weight decay) can come back.
+        return pact_quantize(x, alpha, self.bits_at(site), min_alpha=MIN_ALPHA)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {super().extra_repr()}"
