@@ -71,7 +71,7 @@ def eager_and_native(fn):
 # ------------------------------------------------------------------------------------------------ PACT
 
 
-@pytest.mark.parametrize("n", [4099, 70_001])  # under and over the size where the kernels go parallel
+@pytest.mark.parametrize("n", [4099, 300_007])  # under and over the size where the kernels go parallel
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_pact_native_equals_eager(lib, bits: int, n: int) -> None:
     alpha = [0.7, 2.5, 6.0, 10.0][bits % 4]

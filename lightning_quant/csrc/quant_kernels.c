@@ -16,9 +16,10 @@
 #include <math.h>
 #include <stdint.h>
 
-/* Below this many elements a parallel region costs more than it saves: one thread. (Not an OpenMP `if` clause: GCC
- * does not vectorize the serial version it generates for it, which is then 3-4x slower.) */
-#define PARALLEL_MIN 32768
+/* Below this many elements (1 MiB of float32) one thread: waking the pool's sleeping threads costs tens of
+ * microseconds on a busy or virtual machine, as long as a small weight's whole kernel. (Not an OpenMP `if` clause:
+ * GCC does not vectorize the serial version it generates for it, which is then 3-4x slower.) */
+#define PARALLEL_MIN 262144
 #define LQ_THREADS(n, threads) ((n) < PARALLEL_MIN ? 1 : (threads))
 
 /* PACT forward: q = round(clamp(x, 0, a) * scale) * step, and the code 0 (x < 0 or NaN), 1 (0 <= x < a), 2 (x >= a).
