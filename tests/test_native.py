@@ -18,7 +18,7 @@ from lightning_quant.functional import fused, native
 from lightning_quant.functional.dorefa import dorefa_quantize_weight
 from lightning_quant.functional.dsq import dsq_quantize
 from lightning_quant.functional.pact import pact_quantize
-from lightning_quant.quantizers import DSQActivation, PACTActivation
+from lightning_quant.quantizers import DoReFaWeight, DSQActivation, PACTActivation
 
 HAVE_COMPILER = native._compiler() is not None
 
@@ -357,3 +357,51 @@ def test_pact_native_alpha_floor_is_exact_and_straight_through(lib, alpha: float
     for e, f in zip(eager, fast):
         assert_same(e, f)
     assert float(fast[2]) != 0.0
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+
+
+class _QuantNet(torch.nn.Module):
+    """Conv with a DoReFa weight, a PACT activation, a DSQ activation: every native kernel in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.quantizer = DoReFaWeight(4)
+        self.pact = PACTActivation(4, alpha_init=1.5)
+        self.dsq = DSQActivation(4)
+        self.dsq.set_range(0, 0.0, 2.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.pact(F.conv2d(x, self.quantizer(self.conv.weight), self.conv.bias, padding=1))
+        return self.dsq(y - 0.5)
+
+
+def test_whole_model_compile_traces_torch_ops_without_graph_breaks(lib) -> None:
+    # Eager, the model runs the native kernels; under torch.compile(fullgraph=True) the quantizers must trace as
+    # torch ops (a ctypes call would break the graph, and fullgraph makes that an error) with the same values.
+    torch.manual_seed(0)
+    net = _QuantNet()
+    x = torch.randn(2, 3, 9, 9)
+
+    def run(model: torch.nn.Module) -> list[Tensor]:
+        net.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return [out.detach(), net.conv.weight.grad.clone(), net.pact.alpha.grad.clone(), net.dsq.upper.grad.clone()]
+
+    counting = CountingLibrary(lib)
+    with fused.use_compiled("auto"):
+        native_run = run(net)
+        torch._dynamo.reset()
+        native._lib, saved = counting, native._lib
+        try:
+            compiled_run = run(torch.compile(net, fullgraph=True, backend="aot_eager"))
+        finally:
+            native._lib = saved
+    assert counting.calls == {}  # nothing native inside the compiled graph
+    assert_same(native_run[0], compiled_run[0])
+    # Gradients: through DSQ's backward (its own tanh), so to float32 rounding of the largest entry.
+    for a, b in zip(native_run[1:], compiled_run[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
