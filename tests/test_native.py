@@ -405,3 +405,14 @@ def test_whole_model_compile_traces_torch_ops_without_graph_breaks(lib) -> None:
     # Gradients: through DSQ's backward (its own tanh), so to float32 rounding of the largest entry.
     for a, b in zip(native_run[1:], compiled_run[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler on this machine")
+def test_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("LIGHTNING_QUANT_CACHE", str(blocker / "cache"))  # mkdir under a file fails
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    _fresh_state(monkeypatch)
+    assert native.library() is not None
+    assert list((tmp_path / "tmp").rglob("quant_kernels.so"))

@@ -120,7 +120,14 @@ def _build(compiler: str) -> Path:
     target = _cache_dir() / key / "quant_kernels.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (some CI runners): build under the temporary directory instead
+        user = getattr(os, "getuid", lambda: 0)()
+        target = Path(tempfile.gettempdir()) / f"lightning_quant-{user}" / key / "quant_kernels.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: processes building at once (DDP ranks) never load a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
