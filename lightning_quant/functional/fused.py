@@ -13,8 +13,9 @@ bit-identical results (``tests/test_fused.py``), so the switch below changes spe
   rule). Only CPU calls are timed (a GPU call returns before its kernel ends); on other devices ``"auto"`` stays
   eager.
 
-On CPU float32, PACT and DoReFa skip these kernels for hand-written C ones (:mod:`lightning_quant.functional.native`,
-same values, one pass each way) in ``"on"`` and ``"auto"`` modes; ``"off"`` keeps plain torch ops everywhere.
+On CPU float32, PACT, DoReFa and DSQ (with a fixed temperature) skip these kernels for hand-written C ones
+(:mod:`lightning_quant.functional.native`: one pass each way; the same values for PACT and DoReFa, DSQ's backward to
+float32 rounding) in ``"on"`` and ``"auto"`` modes; ``"off"`` keeps plain torch ops everywhere.
 
 Choose with :func:`set_compiled` (``True``/``False``/``"auto"``) or the environment variable
 ``LIGHTNING_QUANT_COMPILE`` (``1``/``on``, ``0``/``off``, ``auto``), read at import.

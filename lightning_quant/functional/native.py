@@ -1,14 +1,17 @@
 """Native CPU kernels (``lightning_quant/csrc/quant_kernels.c``), built on first use and called through ``ctypes``.
 
-The PACT activation and the DoReFa weight quantizer run, on CPU float32 tensors, through a small C file with
-OpenMP: one pass over memory each way, no temporaries, no per-op dispatch. The C source includes no torch headers,
+The PACT activation, the DoReFa weight quantizer and DSQ (fixed temperature; the activation it replaces folded in)
+run, on CPU float32 tensors, through a small C file with OpenMP: one pass over memory each way, no temporaries, no
+per-op dispatch. The C source includes no torch headers,
 so the system C compiler builds it in about a second; the shared library is cached under
 ``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and this CPU's
 flags (it is built with ``-march=native``), so later processes load it at once.
 
-Values are the eager torch code's, bit for bit (``tests/test_native.py``): the C code does the same float32
-operations in the same order, built without fused multiply-add or fast-math. Reductions accumulate in float64 in
-both (another summation order changes a float64 sum in its last bits, which almost never reach the float32 result).
+PACT and DoReFa values are the eager torch code's, bit for bit (``tests/test_native.py``): the C code does the same
+float32 operations in the same order, built without fused multiply-add or fast-math. Reductions accumulate in
+float64 in both (another summation order changes a float64 sum in its last bits, which almost never reach the float32
+result). DSQ's forward is exact too; its backward evaluates tanh with its own vectorized formula, so its gradients
+agree with the torch path to float32 rounding.
 
 The library links the OpenMP runtime by its soname, ``libgomp.so.1``, the one torch has already loaded: one thread
 pool, sized per call by ``torch.get_num_threads()``.
