@@ -111,7 +111,10 @@ def rows(bits_list: list[int], groups: set[str]) -> list[tuple[str, str, Callabl
     return out
 
 
-def run_one(dataset: str, seed: int, epochs: int, callbacks: list, transform: Callable | None) -> float:
+def run_one(
+    dataset: str, seed: int, epochs: int, callbacks: list, transform: Callable | None
+) -> tuple[float, L.LightningModule]:
+    """Train one row's model on one seed; return its test accuracy and the trained model."""
     data_cls, size = DATASETS[dataset]
     L.seed_everything(seed, workers=True, verbose=False)
     data = data_cls(batch_size=64, seed=seed)
@@ -130,7 +133,7 @@ def run_one(dataset: str, seed: int, epochs: int, callbacks: list, transform: Ca
     )
     trainer.fit(model, datamodule=data)
     (result,) = trainer.test(model, datamodule=data, verbose=False)
-    return float(result["test/acc"])
+    return float(result["test/acc"]), model
 
 
 def main() -> None:
@@ -173,7 +176,7 @@ def main() -> None:
             accs = []
             for seed in args.seeds:
                 start = time.perf_counter()
-                acc = run_one(dataset, seed, args.epochs, make_callbacks(), transform)
+                acc, _ = run_one(dataset, seed, args.epochs, make_callbacks(), transform)
                 accs.append(acc)
                 print(
                     f"{dataset:8s} {label:32s} seed {seed}: {100 * acc:6.2f}  ({time.perf_counter() - start:.0f} s)",

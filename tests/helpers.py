@@ -59,3 +59,14 @@ def saved_bytes(forward) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return sum(seen.values())
+
+
+def dorefa_input(shape: tuple[int, ...], seed: int) -> tuple[Tensor, Tensor]:
+    """A weight with a tie at its largest magnitude (the max's gradient is shared) and a zero, and a gradient."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.7
+    flat = w.view(-1)
+    if flat.numel() > 8:
+        flat[3] = flat.abs().max()
+        flat[5] = -flat[3]
+        flat[7] = 0.0
+    return w, torch.randn(shape, generator=torch.Generator().manual_seed(50 + seed))

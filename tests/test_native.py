@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same, grads_of, pact_input, saved_bytes
+from helpers import assert_same, dorefa_input, grads_of, pact_input, saved_bytes
 from torch import Tensor
 
 from lightning_quant.functional import fused, native
@@ -158,13 +158,7 @@ def test_empty_input_takes_the_torch_path(lib) -> None:
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("shape", [(7,), (32, 16, 3, 3), (256, 256, 3, 3)])
 def test_dorefa_native_equals_eager(lib, bits: int, shape: tuple[int, ...]) -> None:
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(bits)) * 0.7
-    flat = w.view(-1)
-    if flat.numel() > 8:
-        flat[3] = flat.abs().max()  # ties at the max share its gradient
-        flat[5] = -flat[3]
-        flat[7] = 0.0
-    grad = torch.randn(shape, generator=torch.Generator().manual_seed(50 + bits))
+    w, grad = dorefa_input(shape, seed=bits)
     eager, fast = eager_and_native(lambda: grads_of(lambda w: dorefa_quantize_weight(w, bits), w, grad=grad))
     for e, f in zip(eager, fast):
         assert_same(e, f)
