@@ -1,7 +1,7 @@
 /* Native CPU kernels for the PACT activation and the DoReFa weight quantizer (float32, contiguous).
  *
  * Plain C with OpenMP, compiled on first use by lightning_quant/functional/native.py and called through ctypes with
- * raw data pointers: no torch headers, so it builds in about a second. Each function is one pass over memory (two
+ * raw data pointers: no torch headers, so it builds in under a second. Each function is one pass over memory (two
  * for DoReFa, whose second pass needs a reduction of the first), where the torch version needs several kernels and
  * temporary tensors.
  *

@@ -3,7 +3,7 @@
 The PACT activation, the DoReFa weight quantizer and DSQ (fixed temperature; the activation it replaces folded in)
 run, on CPU float32 tensors, through a small C file with OpenMP: one pass over memory each way, no temporaries, no
 per-op dispatch. The C source includes no torch headers,
-so the system C compiler builds it in about a second; the shared library is cached under
+so the system C compiler builds it in under a second; the shared library is cached under
 ``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and this CPU's
 flags (it is built with ``-march=native``), so later processes load it at once.
 
