@@ -1,4 +1,4 @@
-/* Native CPU kernels for the PACT activation and the DoReFa weight quantizer (float32, contiguous).
+/* Native CPU kernels for the PACT activation, the DoReFa weight quantizer and DSQ (float32, contiguous).
  *
  * Plain C with OpenMP, compiled on first use by lightning_quant/functional/native.py and called through ctypes with
  * raw data pointers: no torch headers, so it builds in under a second. Each function is one pass over memory (two
@@ -7,7 +7,7 @@
  *
  * The arithmetic is the torch code's, operation for operation, in float32 and in the same order; the build uses
  * -ffp-contract=off (no fused multiply-add) and no fast-math, so every per-element value is bit-identical to eager
- * torch (tests/test_native.py). Reductions accumulate in float64, as the torch code does (`sum(dtype=float64)`),
+ * torch (tests/test_native.py), except DSQ's backward (see its section). Reductions accumulate in float64, as the torch code does (`sum(dtype=float64)`),
  * so the summation order, which differs, almost never shows in the float32 result.
  *
  * Sums are `omp simd` reductions: each vector lane and thread keeps its own float64 partial sum, added at the end

@@ -56,12 +56,11 @@ class _DoReFaFunction(torch.autograd.Function):
     def forward(ctx, w: Tensor, bits: int) -> Tensor:
         levels = 2**bits - 1
         t = torch.tanh(w)
-        flat = fused.fusable(t)
         # An all-zero weight would divide by zero; its quantized value is then 0.5 -> the middle level.
         tiny = torch.finfo(t.dtype).tiny
         ctx.levels = levels
         ctx.tiny = tiny
-        lib = native.applies(t) if t.numel() > 0 else None
+        lib = native.applies(t)
         if lib is not None:
             out, m, d = torch.empty_like(t), t.new_empty(()), t.new_empty(())
             lib.lq_dorefa_forward_f32(
@@ -69,6 +68,7 @@ class _DoReFaFunction(torch.autograd.Function):
             )
             ctx.save_for_backward(t, m, d)
             return out
+        flat = fused.fusable(t)
         out, m, d = _forward(t.view(-1), levels, tiny) if flat else _forward.eager(t, levels, tiny)
         ctx.save_for_backward(t, m, d)
         return out.view(t.shape) if flat else out

@@ -364,12 +364,12 @@ _ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 
 
 def _native_applies(x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor) -> bool:
-    if alpha.requires_grad or native.applies(x, lower, upper, alpha) is None:
-        return False
-    if x.numel() == 0 or lower.numel() != 1 or upper.numel() != 1 or alpha.numel() != 1:
+    if alpha.requires_grad or lower.numel() != 1 or upper.numel() != 1 or alpha.numel() != 1:
         return False
     # Bounds broadcast into x's shape only if they have no more dimensions than x.
     if max(lower.dim(), upper.dim(), alpha.dim()) > x.dim():
+        return False
+    if native.applies(x, lower, upper, alpha) is None:
         return False
     return bool(torch.isfinite(lower).all() and torch.isfinite(upper).all())
 

@@ -198,11 +198,13 @@ def build_error() -> str | None:
 
 def applies(*tensors: Tensor) -> ctypes.CDLL | None:
     """The library if these tensors can take the native kernels now: the switch is not ``"off"``, no compiler is
-    tracing, and every tensor is a contiguous CPU float32 (or int8 code) tensor. Else None."""
+    tracing, and every tensor is a non-empty contiguous CPU float32 (or int8 code) tensor. Else None."""
     if not _enabled or fused.get_compiled() == "off" or torch.compiler.is_compiling():
         return None
     for t in tensors:
         if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int8) or not t.is_contiguous():
+            return None
+        if t.numel() == 0:
             return None
     return library()
 

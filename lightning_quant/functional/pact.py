@@ -82,7 +82,7 @@ class _PACTFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> Tensor:
         ctx.alpha_shape = alpha.shape
         ctx.alpha_dtype = alpha.dtype
-        lib = native.applies(x, alpha) if x.numel() > 0 else None
+        lib = native.applies(x, alpha)
         if lib is not None:
             # The same float32 scalars as `_clip_and_scales`, without four tiny torch ops (see native.to_float32).
             a = max(float(alpha.detach()), native.to_float32(min_alpha))
