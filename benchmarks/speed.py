@@ -78,8 +78,9 @@ ACT_SHAPE = (64, 64, 32, 32)
 WEIGHT_SHAPE = (256, 256, 3, 3)
 CONV_INPUT = (8, 256, 8, 8)
 BATCH = (64, 1, 28, 28)
-# mode -> (fused.set_compiled value, native kernels on). "native" is what the callbacks run by default for PACT and
-# DoReFa on CPU float32 (and with compile_quantizers=True); "compiled" is inductor alone, "eager" plain torch ops.
+# mode -> (fused.set_compiled value, native kernels on). "native" is what the callbacks run by default for PACT,
+# DoReFa and DSQ with a fixed temperature on CPU float32 (and with compile_quantizers=True); "compiled" is inductor
+# alone, "eager" plain torch ops.
 MODES = {"eager": (False, False), "compiled": (True, False), "native": (True, True)}
 NATIVE_ROWS = ("PACT", "DoReFa", "DSQ")  # the quantizers with native kernels; other rows skip the "native" mode
 DEVICE = torch.device("cpu")
