@@ -73,8 +73,9 @@ def compare_devices() -> list[str]:
             xi = x.to(device).clone().requires_grad_(True)
             y = m(xi)
             y.backward(torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape))
-            grads = [p.grad.detach().cpu().clone() for p in m.parameters()]
-            for p in m.parameters():
+            learned = [p for p in m.parameters() if p.requires_grad]  # DSQActivation keeps `lower` fixed
+            grads = [p.grad.detach().cpu().clone() for p in learned]
+            for p in learned:
                 p.grad = None
             results.append((y.detach().cpu(), xi.grad.cpu(), grads))
         (y0, g0, p0), (y1, g1, p1) = results

@@ -7,6 +7,7 @@ not; and a clean fallback when they cannot be built. No timing assertions (bench
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -289,6 +290,28 @@ def test_dsq_native_forward_is_exact_and_gradients_agree(lib, bits: int, activat
     scale = float(grad.abs().sum())  # the sums' magnitude, for their absolute tolerance
     torch.testing.assert_close(gl, torch_gl, rtol=1e-5, atol=1e-6 * scale)
     torch.testing.assert_close(gu, torch_gu, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize(("lo", "up"), [(1.0, 1.0), (1.0, 0.5), (-3.0, 1e-9 - 3.0), (0.1, 0.7), (-2.5, 2.5)])
+def test_dsq_native_scalars_are_the_torch_paths(lib, lo: float, up: float) -> None:
+    """The kernel's range and bin width come from Python floats; collapsed, inverted and odd ranges included."""
+    x = torch.linspace(-4, 4, 4099)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    for bits in (1, 3, 8):
+        torch_out, torch_gx, _, torch_gu = dsq_run(x, torch.tensor(lo), torch.tensor(up), grad, bits, None, False)
+        out, gx, _, gu = dsq_run(x, torch.tensor(lo), torch.tensor(up), grad, bits, None, True)
+        assert_same(torch_out, out)
+        torch.testing.assert_close(gx, torch_gx, rtol=1e-5, atol=1e-5 * float(torch_gx.abs().max()))
+        torch.testing.assert_close(gu, torch_gu, rtol=1e-5, atol=1e-6 * float(grad.abs().sum()))
+
+
+def test_dsq_native_reads_learned_bounds_without_warnings(lib) -> None:
+    x = torch.randn(64, requires_grad=True)
+    upper = torch.tensor(2.0, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Converting a tensor with requires_grad=True to a scalar"
+        dsq_quantize(x, torch.tensor(0.0), upper, torch.tensor(0.3), 4, activation="relu").sum().backward()
+    assert upper.grad is not None and x.grad is not None
 
 
 def test_dsq_native_gradient_is_the_same_on_any_thread_count(lib) -> None:

@@ -381,7 +381,7 @@ def _native_scalars(
         return None
     if native.applies(x, lower, upper, alpha) is None:
         return None
-    lo, up, al = float(lower), float(upper), float(alpha)
+    lo, up, al = float(lower.detach()), float(upper.detach()), float(alpha.detach())
     if not (math.isfinite(lo) and math.isfinite(up) and math.isfinite(al)):
         return None
     f32 = native.to_float32
