@@ -196,6 +196,21 @@ def activation_cases(quick: bool) -> list[Case]:
             case = Case("act", name, in_mode(mode, grad_step(fwd, inputs, g)), mode=mode, reference="ReLU")
             case.saved = saved_bytes_per_element(in_mode(mode, fwd), n)
             cases.append(case)
+    if not quick:
+        # What a user gets from torch.compile(model): the quantizers trace as torch ops, fused with their
+        # neighbours by inductor (no native kernels inside a compiled graph).
+        relu_c = torch.compile(torch.relu)
+        case = Case("act", "ReLU, torch.compile", grad_step(lambda: relu_c(x), [x], g), reference="ReLU")
+        relu_c(x)  # compile before measuring the saved bytes
+        case.saved = saved_bytes_per_element(lambda: relu_c(x), n)
+        cases.append(case)
+        for name, module, inputs in (("PACT A4", pact, [x, pact.alpha]), ("DSQ A4", dsq, [x, dsq.lower, dsq.upper])):
+            compiled = torch.compile(module)
+            fwd = lambda compiled=compiled: compiled(x)  # noqa: E731
+            case = Case("act", f"{name}, torch.compile(module)", grad_step(fwd, inputs, g), reference="ReLU")
+            fwd()  # compile before measuring the saved bytes
+            case.saved = saved_bytes_per_element(fwd, n)
+            cases.append(case)
 
     alpha = nn.Parameter(torch.tensor(2.5, device=DEVICE))
     dist = lambda: distiller_pact(x, alpha, 4)  # noqa: E731
@@ -285,7 +300,12 @@ def step_cases(quick: bool) -> list[Case]:
     x = torch.randn(BATCH, device=DEVICE)
     y = torch.randint(0, 10, (BATCH[0],), device=DEVICE)
 
-    def make(config: QuantConfig | None, p: float | None = None, transform: Callable | None = None) -> Callable:
+    def make(
+        config: QuantConfig | None,
+        p: float | None = None,
+        transform: Callable | None = None,
+        compile_model: bool = False,
+    ) -> Callable:
         torch.manual_seed(0)
         model = DemoCNN(in_channels=BATCH[1], input_size=BATCH[2])
         if config is not None:
@@ -300,10 +320,11 @@ def step_cases(quick: bool) -> list[Case]:
         _calibrate_dsq(model, x)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        forward = torch.compile(model) if compile_model else model
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
             loss.backward()
             optimizer.step()
             sync()
@@ -327,6 +348,15 @@ def step_cases(quick: bool) -> list[Case]:
             "step", "torch.ao QAT W4A4", make(None, transform=lambda m: torch_ao_qat(m, 4)), reference="float (DemoCNN)"
         )
     )
+    if not quick:
+        # The whole model under torch.compile, against the float model compiled the same way.
+        ref = "float (DemoCNN), torch.compile(model)"
+        cases.append(Case("step", ref, make(None, compile_model=True), note="reference (compiled)"))
+        for name, config in (
+            ("PACT W4A4", PACTConfig(act_bits=4, weight_bits=4)),
+            ("DSQ W4A4", DSQConfig(act_bits=4, weight_bits=4)),
+        ):
+            cases.append(Case("step", f"{name}, torch.compile(model)", make(config, compile_model=True), reference=ref))
     return cases
 
 
