@@ -305,6 +305,24 @@ def test_dsq_native_scalars_are_the_torch_paths(lib, lo: float, up: float) -> No
         torch.testing.assert_close(gu, torch_gu, rtol=1e-5, atol=1e-6 * float(grad.abs().sum()))
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_dsq_native_fixed_lower_bound_skips_only_its_sum(lib, activation: str | None) -> None:
+    """With ``lower`` fixed (DSQActivation's default) the kernel takes its loop without that sum: same x, u grads."""
+    x, lo, up, grad = dsq_case(activation, 4)
+    _, gx_all, _, gu_all = dsq_run(x, lo, up, grad, 4, activation, use_native=True)
+    xx, uu = x.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    dsq_quantize(xx, lo, uu, torch.tensor(0.3), 4, activation=activation).backward(grad)
+    assert_same(xx.grad, gx_all)
+    assert_same(uu.grad, gu_all)
+    native.set_enabled(False)
+    try:
+        xt, ut = x.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        dsq_quantize(xt, lo, ut, torch.tensor(0.3), 4, activation=activation).backward(grad)
+    finally:
+        native.set_enabled(True)
+    torch.testing.assert_close(uu.grad, ut.grad, rtol=1e-5, atol=1e-6 * float(grad.abs().sum()))
+
+
 def test_dsq_native_reads_learned_bounds_without_warnings(lib) -> None:
     x = torch.randn(64, requires_grad=True)
     upper = torch.tensor(2.0, requires_grad=True)

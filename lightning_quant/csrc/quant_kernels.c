@@ -127,10 +127,10 @@ static inline float lq_activation(float v, float floor_, float ceil_) {
 }
 
 /* tanh(z) as Eigen's float tanh: z * P(z^2) / Q(z^2), a rational minimax fit on [-7.9, 7.9] (where tanh rounds to
- * +-1 in float32 beyond), evaluated with fused multiply-adds; within a few ulp of torch.tanh. */
-static inline float lq_tanhf(float z) {
-    const float bound = 7.90531110763549805f;
-    float x = z < -bound ? -bound : (z > bound ? bound : z);
+ * +-1 in float32 beyond), evaluated with fused multiply-adds; within a few ulp of torch.tanh on that interval. Without
+ * Eigen's clamp to it: DSQ's argument c * y has |y| <= 0.5 and c <= log(2 / ALPHA_EPS - 1) = 14.5, so |z| <= 7.26,
+ * and the clamp cost a tenth of the backward pass. */
+static inline float lq_tanhf(float x) {
     float x2 = x * x;
     float p = fmaf(x2, -2.76076847742355e-16f, 2.00018790482477e-13f);
     p = fmaf(x2, p, -8.60467152213735e-11f);
@@ -162,44 +162,65 @@ void lq_dsq_forward_f32(const float *x, float *q, int64_t n, float lo, float up_
 }
 
 /* Backward through the soft value with the bin held fixed (functional/dsq.py, `_soft`), for a fixed alpha:
- * grad_x, and sums[0] / sums[1] = the gradients of lo / up. Each block of LQ_DSQ_BLOCK elements sums its terms in
- * float (a vectorized reduction; GCC's float64 one over the whole loop costs a fifth of the pass) and the blocks add
- * up in float64; the blocks are the same on any thread count. */
+ * grad_x, and sums[0] / sums[1] = the gradients of lo / up (sums[0] only if with_lower; else 0).
+ *
+ * Constants are folded and multiply-adds fused where that costs an ulp (the backward is not bit-exact anyway; see
+ * above); the division by delta stays (t - bin - 0.5 cancels at 8 bits and more). Each block of LQ_DSQ_BLOCK
+ * elements sums its terms in float (a vectorized reduction; GCC's float64 one over the whole loop costs a fifth of
+ * the pass) and the blocks add up in float64; the blocks are the same on any thread count.
+ *
+ * The loop body is a macro so that each (with_lower, pre) pair compiles to its own loop with the activation's tests
+ * as constants: half the instructions of one loop that tests them per element. Points outside [lo, up_eff] (NaN
+ * included) go through the same arithmetic on meaningless values (even inf and NaN), and every use of those values
+ * is a select on `inside`, never a product, so none of it reaches a result. */
 #define LQ_DSQ_BLOCK 2048
 
+#define LQ_DSQ_BACKWARD_BODY(WITH_LOWER, PRE)                                                              \
+    for (int64_t i = start; i < stop; ++i) {                                                               \
+        float v = x[i], gv = go[i];                                                                        \
+        float r = (PRE) == 0 ? v : lq_activation(v, 0.0f, (PRE) == 2 ? 6.0f : INFINITY);                    \
+        int inside = r >= lo && r <= up_eff; /* false for NaN */                                           \
+        float t = (r - lo) / delta;          /* >= 0 inside: the bin needs no lower clamp */                \
+        float bin = floorf(t);                                                                             \
+        bin = bin > last ? last : bin;                                                                     \
+        float y = t - bin - 0.5f;                                                                          \
+        float th = lq_tanhf(c * y);                                                                        \
+        float sech2 = fmaf(-th, th, 1.0f);                                                                 \
+        float g = th * k_g;                                                                                \
+        float slope = sech2 * k_slope;                                                                     \
+        float d_up = fmaf(t, 1.0f - slope, g - y) * inv_top;                                               \
+        /* Where the activation passes its gradient, as torch's threshold_backward / hardtanh_backward select \
+         * it (for relu, v = inf lies above the range anyway). */                                           \
+        int passes = (PRE) == 0 || ((PRE) == 1 ? v > 0.0f : (v > 0.0f && v < 6.0f));                          \
+        grad_x[i] = inside && passes ? gv * slope : 0.0f;                                                  \
+        block_u += inside ? gv * d_up : (r > up_eff ? gv : 0.0f);                                          \
+        if (WITH_LOWER) block_l += inside ? gv * ((1.0f - slope) - d_up) : (r < lo ? gv : 0.0f);           \
+    }
+
+#define LQ_DSQ_BACKWARD_LOOP(PRE)                                                                          \
+    if (with_lower) {                                                                                      \
+        _Pragma("omp simd reduction(+ : block_l, block_u)") LQ_DSQ_BACKWARD_BODY(1, PRE)                   \
+    } else {                                                                                               \
+        _Pragma("omp simd reduction(+ : block_u)") LQ_DSQ_BACKWARD_BODY(0, PRE)                            \
+    }
+
 void lq_dsq_backward_f32(const float *x, const float *go, float *grad_x, double *sums, int64_t n, float lo,
-                         float up_eff, float delta, int nlev, float c, float half_tanh, int pre, int threads) {
-    /* Constants folded and multiply-adds fused where that costs an ulp (the backward is not bit-exact anyway; see
-     * above). The division by delta stays: t - bin - 0.5 cancels at 8 bits and more. */
+                         float up_eff, float delta, int nlev, float c, float half_tanh, int pre, int with_lower,
+                         int threads) {
     const float last = (float)(nlev - 1), inv_top = 1.0f / (float)nlev;
     const float k_g = 0.5f / half_tanh, k_slope = 0.5f * c / half_tanh;
-    const float floor_ = pre ? 0.0f : -INFINITY, ceil_ = pre == 2 ? 6.0f : INFINITY;
-    const int always = pre == 0;
     const int64_t blocks = (n + LQ_DSQ_BLOCK - 1) / LQ_DSQ_BLOCK;
     double sum_l = 0.0, sum_u = 0.0;
 #pragma omp parallel for num_threads(LQ_THREADS(n, threads)) schedule(static) reduction(+ : sum_l, sum_u)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t start = b * LQ_DSQ_BLOCK, stop = start + LQ_DSQ_BLOCK < n ? start + LQ_DSQ_BLOCK : n;
         float block_l = 0.0f, block_u = 0.0f;
-#pragma omp simd reduction(+ : block_l, block_u)
-        for (int64_t i = start; i < stop; ++i) {
-            float v = x[i], gv = go[i];
-            float r = lq_activation(v, floor_, ceil_);
-            int inside = r >= lo && r <= up_eff; /* false for NaN */
-            float t = ((inside ? r : lo) - lo) / delta;
-            float bin = floorf(t);
-            bin = bin < 0.0f ? 0.0f : (bin > last ? last : bin);
-            float y = t - bin - 0.5f;
-            float th = lq_tanhf(c * y);
-            float sech2 = fmaf(-th, th, 1.0f);
-            float g = th * k_g;
-            float slope = sech2 * k_slope;
-            float d_up = fmaf(t, 1.0f - slope, g - y) * inv_top;
-            float gr = inside ? gv * slope : 0.0f;
-            /* Where the activation passes its gradient, as torch's threshold_backward / hardtanh_backward select it. */
-            grad_x[i] = (always || (v > floor_ && v < ceil_)) ? gr : 0.0f;
-            block_u += inside ? gv * d_up : (r > up_eff ? gv : 0.0f);
-            block_l += inside ? gv * ((1.0f - slope) - d_up) : (r < lo ? gv : 0.0f);
+        if (pre == 0) {
+            LQ_DSQ_BACKWARD_LOOP(0)
+        } else if (pre == 1) {
+            LQ_DSQ_BACKWARD_LOOP(1)
+        } else {
+            LQ_DSQ_BACKWARD_LOOP(2)
         }
         sum_l += block_l;
         sum_u += block_u;

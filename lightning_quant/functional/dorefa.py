@@ -82,7 +82,14 @@ class _DoReFaFunction(torch.autograd.Function):
             grad = grad.contiguous()
             g_t = torch.empty_like(t)
             lib.lq_dorefa_backward_f32(
-                grad.data_ptr(), t.data_ptr(), g_t.data_ptr(), t.numel(), float(m), float(d), levels, ctx.tiny,
+                grad.data_ptr(),
+                t.data_ptr(),
+                g_t.data_ptr(),
+                t.numel(),
+                float(m),
+                float(d),
+                levels,
+                ctx.tiny,
                 native.threads(),
             )
             return torch.ops.aten.tanh_backward(g_t, t), None

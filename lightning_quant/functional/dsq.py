@@ -414,6 +414,7 @@ class _DSQNativeFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
         sums = (ctypes.c_double * 2)()
+        need_x, need_l, need_u = ctx.needs_input_grad[:3]
         lib = native.library()
         lib.lq_dsq_backward_f32(
             x.data_ptr(),
@@ -423,9 +424,9 @@ class _DSQNativeFunction(torch.autograd.Function):
             x.numel(),
             *ctx.scalars,
             ctx.pre,
+            int(need_l),  # DSQActivation keeps `lower` fixed by default: its sum is skipped
             native.threads(),
         )
-        need_x, need_l, need_u = ctx.needs_input_grad[:3]
         # Rounded to float32 as the torch path's float32 sums are (the bounds are float32 here).
         grad_l = torch.full(ctx.bound_shapes[0], native.to_float32(sums[0])) if need_l else None
         grad_u = torch.full(ctx.bound_shapes[1], native.to_float32(sums[1])) if need_u else None

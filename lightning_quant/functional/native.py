@@ -91,7 +91,7 @@ _SIGNATURES = {
         + [ctypes.c_float] * 3
         + [ctypes.c_int]
         + [ctypes.c_float] * 2
-        + [ctypes.c_int] * 2,
+        + [ctypes.c_int] * 3,
     ),
 }
 
