@@ -7,11 +7,13 @@
  *
  * The arithmetic is the torch code's, operation for operation, in float32 and in the same order; the build uses
  * -ffp-contract=off (no fused multiply-add) and no fast-math, so every per-element value is bit-identical to eager
- * torch (tests/test_native.py), except DSQ's backward (see its section). Reductions accumulate in float64, as the torch code does (`sum(dtype=float64)`),
- * so the summation order, which differs, almost never shows in the float32 result.
+ * torch (tests/test_native.py), except DSQ's backward (see its section). Reductions accumulate in float64, as the
+ * torch code does (`sum(dtype=float64)`), so the summation order, which differs, almost never shows in the float32
+ * result.
  *
  * Sums are `omp simd` reductions: each vector lane and thread keeps its own float64 partial sum, added at the end
- * in an order fixed by the thread count (an in-order sum cannot be vectorized).
+ * in an order fixed by the thread count (an in-order sum cannot be vectorized). DSQ's backward, which is not
+ * bit-exact anyway, sums fixed blocks in float and the blocks in float64 (see there).
  */
 #include <math.h>
 #include <stdint.h>
