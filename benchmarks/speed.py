@@ -12,7 +12,13 @@ speed differs:
   rest. For PACT this is what the callbacks run by default.
 
 The first call of a compiled case includes the compilation; that start-up cost is reported separately and is not in
-the medians, as is the one-time build of the native library.
+the medians, as is the one-time build of the native library. Rows marked ``torch.compile(module)`` /
+``torch.compile(model)`` compile the user's module or whole model instead: the quantizers then trace as torch ops
+into one graph with their neighbours (never the native kernels).
+
+On CUDA (``--device cuda``) the "native" mode is skipped (the C kernels are CPU-only), and two columns are added: the
+kernels' own device time per call (``torch.profiler``) and its ratio to the reference's. A call on a small tensor
+costs the host more than the GPU, and the wall-clock median shows the host.
 
 Sections:
 
@@ -27,7 +33,7 @@ Sections:
   the weight) and inside a conv layer (input 8x256x8x8; ratio to the same conv with the float weight).
 * training step: ``DemoCNN(in_channels=1, input_size=28)`` on a 64x1x28x28 batch, plain torch (forward,
   cross-entropy, backward, Adam step; no Trainer), each method injected with ``inject_quantizers``, as a ratio to
-  the float model's step.
+  the float model's step (the ``torch.compile(model)`` rows: to the float model compiled the same way).
 
 Usage::
 
@@ -103,6 +109,7 @@ class Case:
     saved: float | None = None
     note: str = ""
     first_s: float = 0.0
+    kernel_ms: float | None = None  # CUDA only: the device time of its kernels per call (torch.profiler)
     times: list[float] = field(default_factory=list)
 
     @property
@@ -128,8 +135,10 @@ def in_mode(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def modes_for(name: str) -> list[str]:
-    """Every mode for the quantizers with native kernels, eager and compiled for the others."""
-    return [m for m in MODES if m != "native" or name.startswith(NATIVE_ROWS)]
+    """Every mode for the quantizers with native kernels on CPU, eager and compiled otherwise (the native kernels
+    are CPU-only: on CUDA the "native" mode would only repeat "compiled")."""
+    native_row = DEVICE.type == "cpu" and name.startswith(NATIVE_ROWS)
+    return [m for m in MODES if m != "native" or native_row]
 
 
 def saved_bytes_per_element(forward: Callable[[], Tensor], numel: int) -> float:
@@ -384,6 +393,20 @@ def measure(cases: list[Case], reps: int, warmup: int) -> None:
         gc.enable()
 
 
+def measure_kernels(cases: list[Case], calls: int = 5) -> None:
+    """CUDA: each case's summed kernel time per call. On a GPU the wall time of a small call is mostly the host
+    launching kernels; this column shows what the device itself spends."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for case in cases:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                case.run()
+            sync()
+        total_us = sum(e.self_device_time_total for e in prof.key_averages())
+        case.kernel_ms = total_us / calls / 1e3
+
+
 def ratio(case: Case, by_name: dict[str, Case]) -> float | None:
     ref = by_name.get(case.reference)
     return case.median_ms / ref.median_ms if ref is not None else None
@@ -391,13 +414,18 @@ def ratio(case: Case, by_name: dict[str, Case]) -> float | None:
 
 def table(cases: list[Case], ref_label: str, with_saved: bool) -> list[str]:
     by_name = {c.name: c for c in cases if not c.mode}
+    with_kernels = any(c.kernel_ms is not None for c in cases)
     head = f"| row | kernels | median ms | x {ref_label} |" + (" saved B/elem |" if with_saved else "")
-    lines = [head, "|---|---|---|---|" + ("---|" if with_saved else "")]
+    head += " GPU kernel ms | kernel x ref |" if with_kernels else ""
+    lines = [head, "|---|---|---|---|" + ("---|" if with_saved else "") + ("---|---|" if with_kernels else "")]
     for c in cases:
         r = ratio(c, by_name)
         cells = [c.name, c.mode or "-", f"{c.median_ms:.2f}", "1.00" if not c.reference else f"{r:.2f}"]
         if with_saved:
             cells.append("-" if c.saved is None else f"{c.saved:.2f}")
+        if with_kernels:
+            ref = by_name.get(c.reference, c)
+            cells += [f"{c.kernel_ms:.3f}", f"{c.kernel_ms / ref.kernel_ms:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -452,6 +480,8 @@ def main() -> None:
         start = time.perf_counter()
         cases = builders[section](args.quick)
         measure(cases, args.reps, args.warmup)
+        if DEVICE.type == "cuda":
+            measure_kernels(cases)
         title, ref_label, with_saved = titles[section]
         lines = table(cases, ref_label, with_saved)
         print(f"## {title}  ({time.perf_counter() - start:.0f} s)\n")
@@ -492,6 +522,7 @@ def main() -> None:
                     "reference": c.reference,
                     "saved_bytes_per_element": c.saved,
                     "first_call_s": c.first_s,
+                    "kernel_ms": c.kernel_ms,
                 }
                 for cases in results.values()
                 for c in cases
