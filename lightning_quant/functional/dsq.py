@@ -370,9 +370,10 @@ def _native_scalars(
     """The C kernels' scalars ``(lo, up_eff, delta, n, c, half_tanh)``, or None where the torch path must run.
 
     Computed with Python floats instead of a dozen 0-d torch ops (those took 0.2 ms per call, a sixth of the forward
-    on a 4M-element tensor). ``lo``, ``up_eff`` and ``delta`` are the float32 values :func:`_range` computes: each step is done in
-    float64 and rounded to float32, which gives the correctly rounded float32 result (:func:`native.to_float32`), so
-    the forward stays bit-exact. ``c`` and ``half_tanh`` only enter the (not bit-exact) backward.
+    on a 4M-element tensor). ``lo``, ``up_eff`` and ``delta`` are the float32 values :func:`_range` computes: each
+    step is done in float64 and rounded to float32, which gives the correctly rounded float32 result
+    (:func:`native.to_float32`), so the forward stays bit-exact. ``c`` and ``half_tanh`` only enter the (not
+    bit-exact) backward.
     """
     if alpha.requires_grad or lower.numel() != 1 or upper.numel() != 1 or alpha.numel() != 1:
         return None
