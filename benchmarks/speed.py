@@ -85,8 +85,8 @@ WEIGHT_SHAPE = (256, 256, 3, 3)
 CONV_INPUT = (8, 256, 8, 8)
 BATCH = (64, 1, 28, 28)
 # mode -> (fused.set_compiled value, native kernels on). "native" is what the callbacks run by default for PACT,
-# DoReFa and DSQ with a fixed temperature on CPU float32 (and with compile_quantizers=True); "compiled" is inductor
-# alone, "eager" plain torch ops.
+# DoReFa and DSQ on CPU float32 (and with compile_quantizers=True); "compiled" is inductor alone, "eager" plain
+# torch ops.
 MODES = {"eager": (False, False), "compiled": (True, False), "native": (True, True)}
 NATIVE_ROWS = ("PACT", "DoReFa", "DSQ")  # the quantizers with native kernels; other rows skip the "native" mode
 DEVICE = torch.device("cpu")
@@ -196,9 +196,16 @@ def activation_cases(quick: bool) -> list[Case]:
     pact = PACTActivation(4, alpha_init=2.5).to(DEVICE)
     dsq = DSQActivation(4).to(DEVICE)
     dsq.calibrate(x.detach(), 0)
+    dsq_learned = DSQActivation(4, learn_temperature=True).to(DEVICE)  # the paper's mode
+    dsq_learned.calibrate(x.detach(), 0)
     ours = [
         ("PACT A4 (PACTActivation)", lambda: pact(x), [x, pact.alpha]),
         ("DSQ A4 (DSQActivation)", lambda: dsq(x), [x, dsq.lower, dsq.upper]),
+        (
+            "DSQ A4, learned temperature",
+            lambda: dsq_learned(x),
+            [x, dsq_learned.lower, dsq_learned.upper, dsq_learned.temperature_logit],
+        ),
     ]
     for name, fwd, inputs in ours:
         for mode in modes_for(name):

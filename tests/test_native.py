@@ -346,19 +346,54 @@ def test_dsq_native_gradient_is_the_same_on_any_thread_count(lib) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)  # float64 sums in another order
 
 
-def test_dsq_native_only_for_a_fixed_alpha_and_finite_bounds(lib, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dsq_native_only_for_one_finite_range(lib, monkeypatch: pytest.MonkeyPatch) -> None:
     counting = CountingLibrary(lib)
     monkeypatch.setattr(native, "_lib", counting)
     x = torch.randn(4, 8, requires_grad=True)
     lo, up = torch.tensor(0.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)
     with fused.use_compiled("auto"):
         dsq_quantize(x, lo, up, torch.tensor(0.3), 4, activation="relu").sum().backward()
-        assert counting.calls == {"lq_dsq_forward_f32": 1, "lq_dsq_backward_f32": 1}
-        # A learned alpha (its gradient needs sinh), a NaN bound, per-channel bounds: the torch path.
-        dsq_quantize(x, lo, up, torch.tensor(0.3, requires_grad=True), 4).sum().backward()
+        dsq_quantize(x, lo, up, torch.tensor(0.3, requires_grad=True), 4).sum().backward()  # learned alpha too
+        assert counting.calls == {"lq_dsq_forward_f32": 2, "lq_dsq_backward_f32": 2}
+        # A NaN bound, per-channel bounds: the torch path.
         dsq_quantize(x, lo, torch.tensor(float("nan")), torch.tensor(0.3), 4).sum().backward()
         dsq_quantize(x, torch.zeros(4, 1), torch.full((4, 1), 2.0), torch.tensor(0.3), 4).sum().backward()
-    assert counting.calls == {"lq_dsq_forward_f32": 1, "lq_dsq_backward_f32": 1}
+    assert counting.calls == {"lq_dsq_forward_f32": 2, "lq_dsq_backward_f32": 2}
+
+
+# alpha -> c = log(2 / alpha - 1): 0.9 -> 0.20 (below the series threshold 0.25), 0.3 -> 1.5, 0.02 -> 4.6,
+# 1e-5 -> 12.2; 1e-7 and 1 - 1e-7 lie outside the clamp [1e-6, 1 - 1e-6] (alpha's gradient is 0 there).
+@pytest.mark.parametrize("alpha", [0.9, 0.3, 0.02, 1e-5, 1e-7, 1 - 1e-7])
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dsq_native_learned_alpha_gradient_agrees(lib, bits: int, activation: str | None, alpha: float) -> None:
+    x, lo, up, grad = dsq_case(activation, bits)
+    # dQ/dalpha is odd in the offset inside the bin, so a random upstream gradient sums it to almost nothing; the
+    # gradient of the quantization error 0.5 * (Q - x)^2 has the offset's sign, so the terms add up.
+    error = (dsq_quantize(x, lo, up, torch.tensor(alpha), bits, activation=activation) - x).nan_to_num(0.0, 0.0, 0.0)
+    for upstream in (grad, error):
+        results = []
+        for use_native in (False, True):
+            native.set_enabled(use_native)
+            try:
+                xx, ll, uu, aa = (t.clone().requires_grad_(True) for t in (x, lo, up, torch.tensor(alpha)))
+                out = dsq_quantize(xx, ll, uu, aa, bits, activation=activation)
+                out.backward(upstream)
+                results.append((out.detach(), xx.grad, ll.grad, uu.grad, aa.grad))
+            finally:
+                native.set_enabled(True)
+        (t_out, t_gx, t_gl, t_gu, t_ga), (out, gx, gl, gu, ga) = results
+        assert_same(t_out, out)
+        torch.testing.assert_close(gx, t_gx, rtol=1e-5, atol=1e-5 * float(t_gx.abs().max()))
+        scale = float(upstream.abs().sum())
+        torch.testing.assert_close(gl, t_gl, rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(gu, t_gu, rtol=1e-5, atol=1e-6 * scale)
+        if upstream is error:
+            torch.testing.assert_close(ga, t_ga, rtol=1e-5, atol=0.0)
+    if 1e-6 <= alpha <= 1 - 1e-6:
+        assert float(t_ga) != 0.0
+    else:
+        assert float(ga) == 0.0 and float(t_ga) == 0.0
 
 
 def test_dsq_module_folds_its_activation(lib) -> None:

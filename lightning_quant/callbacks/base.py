@@ -63,7 +63,7 @@ class QuantizationCallback(Callback):
         log_every_n_steps: Also log the learned values every n optimizer steps (None: once per epoch only).
         verbose: Print the quantization plan at fit start (rank zero).
         compile_quantizers: How the quantizers' elementwise kernels run: ``"auto"`` (default: the native C kernels
-            where they apply -- PACT, DoReFa and DSQ on CPU float32, built once per machine in under a second -- and
+            where they apply -- PACT, DoReFa and DSQ on CPU float32, built once per machine in about a second -- and
             elsewhere eager, each kernel compiled with ``torch.compile`` once it has spent about as long eagerly as
             compiling costs, so short runs are never slower), ``True`` (native kernels, and compile the others at
             first use) or ``False`` (plain torch ops only). Values are the same either way

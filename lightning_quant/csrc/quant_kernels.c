@@ -1,7 +1,7 @@
 /* Native CPU kernels for the PACT activation, the DoReFa weight quantizer and DSQ (float32, contiguous).
  *
  * Plain C with OpenMP, compiled on first use by lightning_quant/functional/native.py and called through ctypes with
- * raw data pointers: no torch headers, so it builds in under a second. Each function is one pass over memory (two
+ * raw data pointers: no torch headers, so it builds in about a second. Each function is one pass over memory (two
  * for DoReFa, whose second pass needs a reduction of the first), where the torch version needs several kernels and
  * temporary tensors.
  *
@@ -163,21 +163,26 @@ void lq_dsq_forward_f32(const float *x, float *q, int64_t n, float lo, float up_
     }
 }
 
-/* Backward through the soft value with the bin held fixed (functional/dsq.py, `_soft`), for a fixed alpha:
- * grad_x, and sums[0] / sums[1] = the gradients of lo / up (sums[0] only if with_lower; else 0).
+/* Backward through the soft value with the bin held fixed (functional/dsq.py, `_soft` and `_dg_dc`): grad_x, and
+ * sums[0] / sums[1] = the gradients of lo / up (sums[0] only if with_lower or alpha_mode), sums[2] = the sum of
+ * go * dg/dc over the range (alpha_mode 1 or 2; else 0), which the caller scales by delta * dc/dalpha.
+ *
+ * dg/dc = g * (h(2 c y) - h(c)) / c with h(z) = z / sinh(z) (alpha_mode 1; `ratio` = h(c)), or its series in c
+ * (alpha_mode 2, for c below the threshold where that difference cancels). h(2u) needs no sinh of its own:
+ * sinh(2u) = 2 tanh(u) / sech^2(u), so h(2u) = u * sech^2(u) / tanh(u), from the tanh already computed.
  *
  * Constants are folded and multiply-adds fused where that costs an ulp (the backward is not bit-exact anyway; see
  * above); the division by delta stays (t - bin - 0.5 cancels at 8 bits and more). Each block of LQ_DSQ_BLOCK
  * elements sums its terms in float (a vectorized reduction; GCC's float64 one over the whole loop costs a fifth of
  * the pass) and the blocks add up in float64; the blocks are the same on any thread count.
  *
- * The loop body is a macro so that each (with_lower, pre) pair compiles to its own loop with the activation's tests
- * as constants: half the instructions of one loop that tests them per element. Points outside [lo, up_eff] (NaN
+ * The loop body is a macro so that each activation and each case below compiles to its own loop with them as
+ * constants, instead of one loop that tests them for every element. Points outside [lo, up_eff] (NaN
  * included) go through the same arithmetic on meaningless values (even inf and NaN), and every use of those values
  * is a select on `inside`, never a product, so none of it reaches a result. */
 #define LQ_DSQ_BLOCK 2048
 
-#define LQ_DSQ_BACKWARD_BODY(WITH_LOWER, PRE)                                                              \
+#define LQ_DSQ_BACKWARD_BODY(PRE, WITH_LOWER, ALPHA)                                                       \
     for (int64_t i = start; i < stop; ++i) {                                                               \
         float v = x[i], gv = go[i];                                                                        \
         float r = (PRE) == 0 ? v : lq_activation(v, 0.0f, (PRE) == 2 ? 6.0f : INFINITY);                    \
@@ -186,7 +191,8 @@ void lq_dsq_forward_f32(const float *x, float *q, int64_t n, float lo, float up_
         float bin = floorf(t);                                                                             \
         bin = bin > last ? last : bin;                                                                     \
         float y = t - bin - 0.5f;                                                                          \
-        float th = lq_tanhf(c * y);                                                                        \
+        float u = c * y;                                                                                   \
+        float th = lq_tanhf(u);                                                                            \
         float sech2 = fmaf(-th, th, 1.0f);                                                                 \
         float g = th * k_g;                                                                                \
         float slope = sech2 * k_slope;                                                                     \
@@ -197,26 +203,42 @@ void lq_dsq_forward_f32(const float *x, float *q, int64_t n, float lo, float up_
         grad_x[i] = inside && passes ? gv * slope : 0.0f;                                                  \
         block_u += inside ? gv * d_up : (r > up_eff ? gv : 0.0f);                                          \
         if (WITH_LOWER) block_l += inside ? gv * ((1.0f - slope) - d_up) : (r < lo ? gv : 0.0f);           \
+        if (ALPHA == 1) {                                                                                  \
+            float h = th == 0.0f ? 1.0f : u * sech2 / th;                                                  \
+            block_a += inside ? gv * (g * (h - ratio) * inv_c) : 0.0f;                                     \
+        }                                                                                                  \
+        if (ALPHA == 2) {                                                                                  \
+            float y2 = y * y;                                                                              \
+            float series = (1.0f - 4.0f * y2) * (1.0f / 6.0f) - c2 * (1.0f - 16.0f * y2 * y2) * (7.0f / 360.0f) \
+                           + c4 * (1.0f - 64.0f * y2 * y2 * y2) * (31.0f / 15120.0f);                       \
+            block_a += inside ? gv * (g * (c * series)) : 0.0f;                                            \
+        }                                                                                                  \
     }
 
+/* The learned-temperature loops always sum the lower bound's terms too: fewer loops to build, for a rarer case. */
 #define LQ_DSQ_BACKWARD_LOOP(PRE)                                                                          \
-    if (with_lower) {                                                                                      \
-        _Pragma("omp simd reduction(+ : block_l, block_u)") LQ_DSQ_BACKWARD_BODY(1, PRE)                   \
+    if (alpha_mode == 1) {                                                                                 \
+        _Pragma("omp simd reduction(+ : block_l, block_u, block_a)") LQ_DSQ_BACKWARD_BODY(PRE, 1, 1)       \
+    } else if (alpha_mode == 2) {                                                                          \
+        _Pragma("omp simd reduction(+ : block_l, block_u, block_a)") LQ_DSQ_BACKWARD_BODY(PRE, 1, 2)       \
+    } else if (with_lower) {                                                                               \
+        _Pragma("omp simd reduction(+ : block_l, block_u)") LQ_DSQ_BACKWARD_BODY(PRE, 1, 0)                \
     } else {                                                                                               \
-        _Pragma("omp simd reduction(+ : block_u)") LQ_DSQ_BACKWARD_BODY(0, PRE)                            \
+        _Pragma("omp simd reduction(+ : block_u)") LQ_DSQ_BACKWARD_BODY(PRE, 0, 0)                         \
     }
 
 void lq_dsq_backward_f32(const float *x, const float *go, float *grad_x, double *sums, int64_t n, float lo,
                          float up_eff, float delta, int nlev, float c, float half_tanh, int pre, int with_lower,
-                         int threads) {
+                         int alpha_mode, float ratio, int threads) {
     const float last = (float)(nlev - 1), inv_top = 1.0f / (float)nlev;
     const float k_g = 0.5f / half_tanh, k_slope = 0.5f * c / half_tanh;
+    const float inv_c = 1.0f / c, c2 = c * c, c4 = c2 * c2;
     const int64_t blocks = (n + LQ_DSQ_BLOCK - 1) / LQ_DSQ_BLOCK;
-    double sum_l = 0.0, sum_u = 0.0;
-#pragma omp parallel for num_threads(LQ_THREADS(n, threads)) schedule(static) reduction(+ : sum_l, sum_u)
+    double sum_l = 0.0, sum_u = 0.0, sum_a = 0.0;
+#pragma omp parallel for num_threads(LQ_THREADS(n, threads)) schedule(static) reduction(+ : sum_l, sum_u, sum_a)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t start = b * LQ_DSQ_BLOCK, stop = start + LQ_DSQ_BLOCK < n ? start + LQ_DSQ_BLOCK : n;
-        float block_l = 0.0f, block_u = 0.0f;
+        float block_l = 0.0f, block_u = 0.0f, block_a = 0.0f;
         if (pre == 0) {
             LQ_DSQ_BACKWARD_LOOP(0)
         } else if (pre == 1) {
@@ -226,7 +248,9 @@ void lq_dsq_backward_f32(const float *x, const float *go, float *grad_x, double 
         }
         sum_l += block_l;
         sum_u += block_u;
+        sum_a += block_a;
     }
     sums[0] = sum_l;
     sums[1] = sum_u;
+    sums[2] = sum_a;
 }

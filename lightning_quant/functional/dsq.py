@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -355,27 +356,40 @@ def _fused_backward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor,
 
 
 # ------------------------------------------------------------------------------------------------ native path
-# On CPU float32 with one finite range and a fixed alpha (the default of both DSQ modules), the forward and the
+# On CPU float32 with one finite range (0-d or one-element bounds and alpha: both DSQ modules), the forward and the
 # backward each run in one pass of the C kernels (csrc/quant_kernels.c), with the activation folded in. The forward
-# is bit-identical to the torch code; the backward evaluates tanh with its own vectorized polynomial, so the
-# gradients agree with the torch path to float32 rounding (a few ulp), not bit for bit. A learned alpha (its
-# gradient needs sinh as well) takes the torch path.
+# is bit-identical to the torch code; the backward evaluates tanh with its own vectorized polynomial (and, for a
+# learned alpha, z / sinh(z) from that tanh), so the gradients agree with the torch path to float32 rounding, not
+# bit for bit.
 
 _ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 
 
+class _NativeScalars(NamedTuple):
+    """What the C kernels take besides the tensors (float32 values as Python floats)."""
+
+    lo: float
+    up_eff: float
+    delta: float
+    n: int
+    c: float
+    half_tanh: float
+    alpha_mode: int  # for alpha's gradient: 1 the closed form of dg/dc, 2 its series (small c)
+    ratio: float  # h(c) = c / sinh(c), the closed form's constant term
+    dc_dalpha: float  # 0 where alpha is outside the clamp, as torch.clamp's gradient is
+
+
 def _native_scalars(
     x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float
-) -> tuple[float, float, float, int, float, float] | None:
-    """The C kernels' scalars ``(lo, up_eff, delta, n, c, half_tanh)``, or None where the torch path must run.
+) -> _NativeScalars | None:
+    """The C kernels' scalars, or None where the torch path must run.
 
     Computed with Python floats instead of a dozen 0-d torch ops (those took 0.2 ms per call, a sixth of the forward
     on a 4M-element tensor). ``lo``, ``up_eff`` and ``delta`` are the float32 values :func:`_range` computes: each
     step is done in float64 and rounded to float32, which gives the correctly rounded float32 result
-    (:func:`native.to_float32`), so the forward stays bit-exact. ``c`` and ``half_tanh`` only enter the (not
-    bit-exact) backward.
+    (:func:`native.to_float32`), so the forward stays bit-exact. The others only enter the (not bit-exact) backward.
     """
-    if alpha.requires_grad or lower.numel() != 1 or upper.numel() != 1 or alpha.numel() != 1:
+    if lower.numel() != 1 or upper.numel() != 1 or alpha.numel() != 1:
         return None
     # Bounds broadcast into x's shape only if they have no more dimensions than x.
     if max(lower.dim(), upper.dim(), alpha.dim()) > x.dim():
@@ -392,21 +406,36 @@ def _native_scalars(
     collapsed = width < min_w
     up_eff = f32(lo + min_w) if collapsed else up
     delta = f32((min_w if collapsed else width) / n)
-    a = min(max(al, f32(ALPHA_EPS)), f32(1.0 - ALPHA_EPS))
+    eps_lo, eps_hi = f32(ALPHA_EPS), f32(1.0 - ALPHA_EPS)
+    a = min(max(al, eps_lo), eps_hi)
     c = f32(math.log1p(2.0 * (1.0 - a) / a))
-    return lo, up_eff, delta, n, c, f32(math.tanh(0.5 * c))
+    small = c < _SERIES_C[torch.float32]
+    return _NativeScalars(
+        lo=lo,
+        up_eff=up_eff,
+        delta=delta,
+        n=n,
+        c=c,
+        half_tanh=f32(math.tanh(0.5 * c)),
+        alpha_mode=2 if small else 1,
+        ratio=0.0 if small else f32(c / math.sinh(c)),
+        dc_dalpha=-2.0 / (a * (2.0 - a)) if eps_lo <= al <= eps_hi else 0.0,
+    )
 
 
 class _DSQNativeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, scalars: tuple, act: str | None):
+    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, scalars: _NativeScalars, act: str | None):
         ctx.save_for_backward(x)
         ctx.scalars = scalars
         ctx.pre = _ACTIVATIONS[act]
-        ctx.bound_shapes = (lower.shape, upper.shape)
+        ctx.shapes = (lower.shape, upper.shape, alpha.shape)
         q = torch.empty_like(x)
         lib = native.library()
-        lib.lq_dsq_forward_f32(x.data_ptr(), q.data_ptr(), x.numel(), *scalars[:4], ctx.pre, native.threads())
+        s = scalars
+        lib.lq_dsq_forward_f32(
+            x.data_ptr(), q.data_ptr(), x.numel(), s.lo, s.up_eff, s.delta, s.n, ctx.pre, native.threads()
+        )
         return q
 
     @staticmethod
@@ -414,8 +443,9 @@ class _DSQNativeFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
-        sums = (ctypes.c_double * 2)()
-        need_x, need_l, need_u = ctx.needs_input_grad[:3]
+        sums = (ctypes.c_double * 3)()
+        need_x, need_l, need_u, need_a = ctx.needs_input_grad[:4]
+        s = ctx.scalars
         lib = native.library()
         lib.lq_dsq_backward_f32(
             x.data_ptr(),
@@ -423,15 +453,24 @@ class _DSQNativeFunction(torch.autograd.Function):
             grad_x.data_ptr(),
             ctypes.addressof(sums),
             x.numel(),
-            *ctx.scalars,
+            s.lo,
+            s.up_eff,
+            s.delta,
+            s.n,
+            s.c,
+            s.half_tanh,
             ctx.pre,
             int(need_l),  # DSQActivation keeps `lower` fixed by default: its sum is skipped
+            s.alpha_mode if need_a else 0,
+            s.ratio,
             native.threads(),
         )
-        # Rounded to float32 as the torch path's float32 sums are (the bounds are float32 here).
-        grad_l = torch.full(ctx.bound_shapes[0], native.to_float32(sums[0])) if need_l else None
-        grad_u = torch.full(ctx.bound_shapes[1], native.to_float32(sums[1])) if need_u else None
-        return (grad_x if need_x else None), grad_l, grad_u, None, None
+        # Rounded to float32 as the torch path's float32 sums are (the bounds and alpha are float32 here).
+        shape_l, shape_u, shape_a = ctx.shapes
+        grad_l = torch.full(shape_l, native.to_float32(sums[0])) if need_l else None
+        grad_u = torch.full(shape_u, native.to_float32(sums[1])) if need_u else None
+        grad_a = torch.full(shape_a, native.to_float32(sums[2] * s.delta * s.dc_dalpha)) if need_a else None
+        return (grad_x if need_x else None), grad_l, grad_u, grad_a, None, None
 
 
 def _dg_dc(g: Tensor, y: Tensor, c: Tensor) -> Tensor:
@@ -500,7 +539,7 @@ def dsq_quantize(
     lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
     scalars = _native_scalars(x, lo, up, al, bits, min_width)
     if scalars is not None:
-        return _DSQNativeFunction.apply(x, lo, up, scalars, activation)
+        return _DSQNativeFunction.apply(x, lo, up, al, scalars, activation)
     if activation is not None:
         x = F.relu(x) if activation == "relu" else F.relu6(x)
     return _DSQFunction.apply(x, lo, up, al, bits, float(min_width))

@@ -13,7 +13,7 @@ bit-identical results (``tests/test_fused.py``), so the switch below changes spe
   rule). Only CPU calls are timed (a GPU call returns before its kernel ends); on other devices ``"auto"`` stays
   eager.
 
-On CPU float32, PACT, DoReFa and DSQ (with a fixed temperature) skip these kernels for hand-written C ones
+On CPU float32, PACT, DoReFa and DSQ skip these kernels for hand-written C ones
 (:mod:`lightning_quant.functional.native`: one pass each way; the same values for PACT and DoReFa, DSQ's backward to
 float32 rounding) in ``"on"`` and ``"auto"`` modes; ``"off"`` keeps plain torch ops everywhere.
 

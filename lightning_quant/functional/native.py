@@ -1,11 +1,10 @@
 """Native CPU kernels (``lightning_quant/csrc/quant_kernels.c``), built on first use and called through ``ctypes``.
 
-The PACT activation, the DoReFa weight quantizer and DSQ (fixed temperature; the activation it replaces folded in)
-run, on CPU float32 tensors, through a small C file with OpenMP: one pass over memory each way, no temporaries, no
-per-op dispatch. The C source includes no torch headers,
-so the system C compiler builds it in under a second; the shared library is cached under
-``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and this CPU's
-flags (it is built with ``-march=native``), so later processes load it at once.
+The PACT activation, the DoReFa weight quantizer and DSQ (the activation it replaces folded in) run, on CPU float32
+tensors, through a small C file with OpenMP: one pass over memory each way, no temporaries, no per-op dispatch. The
+C source includes no torch headers, so the system C compiler builds it in about a second; the shared library is
+cached under ``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and
+this CPU's flags (it is built with ``-march=native``), so later processes load it at once.
 
 PACT and DoReFa values are the eager torch code's, bit for bit (``tests/test_native.py``): the C code does the same
 float32 operations in the same order, built without fused multiply-add or fast-math. Reductions accumulate in
@@ -91,7 +90,8 @@ _SIGNATURES = {
         + [ctypes.c_float] * 3
         + [ctypes.c_int]
         + [ctypes.c_float] * 2
-        + [ctypes.c_int] * 3,
+        + [ctypes.c_int] * 3
+        + [ctypes.c_float, ctypes.c_int],
     ),
 }
 
