@@ -2,6 +2,7 @@
 
 from lightning_quant.quantizers.base import ActivationQuantizer, ResetCallSites, WeightQuantizer
 from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
+from lightning_quant.quantizers.lsq import LSQWeight
 from lightning_quant.quantizers.pact import DoReFaWeight, PACTActivation
 from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
 
@@ -10,6 +11,7 @@ __all__ = [
     "DSQActivation",
     "DSQWeight",
     "DoReFaWeight",
+    "LSQWeight",
     "PACTActivation",
     "QuantNoiseWeight",
     "ResetCallSites",

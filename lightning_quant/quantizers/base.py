@@ -94,6 +94,9 @@ class ActivationQuantizer(nn.Module):
 class WeightQuantizer(nn.Module):
     """Base class of the modules that map a layer's weight to its fake-quantized value."""
 
+    #: Whether 0 is one of the output levels (a pruned weight stays exactly 0); DoReFa's odd levels have none.
+    has_zero_level: bool = False
+
     def forward(self, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

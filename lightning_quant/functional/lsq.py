@@ -1,0 +1,150 @@
+"""LSQ weight quantization (Esser et al. 2019, "Learned Step Size Quantization"): a learned step ``s`` per tensor or
+per output channel, signed integer levels with an exact zero, and the paper's gradients.
+
+Integer range for ``b`` bits: the paper's signed range ``Qn = 2**(b-1)``, ``Qp = 2**(b-1) - 1`` (2 bits: codes
+``{-2, -1, 0, 1}``), or with ``narrow=True`` the symmetric ``Qn = Qp = 2**(b-1) - 1`` (2 bits: ternary).
+
+Forward, with ``v = w / s`` and ``round`` = ``torch.round`` (half to even)::
+
+    w_q = round(clamp(v, -Qn, Qp)) * s
+
+The output is exactly ``code * s`` rounded once to the compute dtype (never ``w + (w_q - w).detach()``), so a zero
+weight gives exactly 0 and the quantized weight keeps the float weight's scale. Backward (paper, eqs. 3 and 5)::
+
+    d w_q / d w = 1                      if -Qn < v < Qp   else 0
+    d w_q / d s = round(v) - v           if -Qn < v < Qp
+                = -Qn                    if v <= -Qn
+                = Qp                     if v >= Qp
+
+and the step's gradient is multiplied by ``grad_scale`` (the paper's ``g = 1 / sqrt(N * Qp)``, ``N`` the number of
+weights that share the step) and summed over those weights, in float64.
+
+Boundary convention (the paper's): ``v == -Qn`` and ``v == Qp`` count as saturated. There ``w_q = +-Q s`` is locally
+independent of ``w`` and linear in ``s``, so this is also the exact derivative; it matches PACT here, where ``x ==
+alpha`` sends its gradient to the clip. The region is decided on ``v`` computed in the compute dtype, never on the
+rounded output. NaN weights give NaN outputs and contribute no gradient to ``w`` or ``s``.
+
+Step floor: the forward uses ``max(s, min_step)`` and the step's gradient passes straight through that floor (as
+``pact_quantize``'s ``min_alpha``), so a step pushed below it can come back. A step ``<= 0`` would divide by zero or
+flip the grid, so ``min_step`` must be positive whenever the step could reach 0 (the module passes one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def lsq_range(bits: int, narrow: bool = False) -> tuple[int, int]:
+    """The LSQ integer range ``(Qn, Qp)``: codes lie in ``[-Qn, Qp]``.
+
+    Args:
+        bits: Bit width, an int in 2..16.
+        narrow: Use the symmetric range ``Qn = Qp = 2**(bits-1) - 1`` instead of ``Qn = 2**(bits-1)``.
+
+    Returns:
+        ``(Qn, Qp)``, both positive ints.
+
+    Raises:
+        ValueError: If ``bits`` is not an int in 2..16.
+    """
+    check_lsq_bits(bits)
+    qp = 2 ** (bits - 1) - 1
+    return (qp if narrow else qp + 1), qp
+
+
+def check_lsq_bits(bits: object, name: str = "bits") -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``bits`` is an int in 2..16.
+
+    Raises:
+        ValueError: If ``bits`` is not allowed (1 bit has no zero level with a useful grid).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"`{name}` must be an int in 2..16 (1 bit has no zero level), got {bits!r}.")
+
+
+def _reduce_dims(step_shape: torch.Size, w_shape: torch.Size) -> list[int]:
+    """The dims of ``w`` along which the step is broadcast (its gradient is summed over them)."""
+    padded = (1,) * (len(w_shape) - len(step_shape)) + tuple(step_shape)
+    return [d for d, (n_s, n_w) in enumerate(zip(padded, w_shape)) if n_s == 1 and n_w != 1]
+
+
+def _check_step_shape(step: Tensor, w: Tensor) -> None:
+    try:
+        ok = step.numel() > 0 and torch.broadcast_shapes(step.shape, w.shape) == w.shape
+    except RuntimeError:  # not broadcastable at all
+        ok = False
+    if not ok:
+        raise ValueError(f"`step` must broadcast to the weight's shape {tuple(w.shape)}, got {tuple(step.shape)}.")
+
+
+class _LSQFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> Tensor:
+        # At least float32: a float32 step divided in bf16/fp16 would lose most of its bits.
+        ct = torch.promote_types(torch.promote_types(w.dtype, step.dtype), torch.float32)
+        s = step.detach().to(ct).clamp_min(min_step)
+        v = w.detach().to(ct) / s
+        out = torch.round(torch.clamp(v, -qn, qp)) * s
+        ctx.save_for_backward(v)
+        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+        ctx.w_dtype, ctx.step_shape, ctx.step_dtype = w.dtype, step.shape, step.dtype
+        return out.to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
+        (v,) = ctx.saved_tensors
+        qn, qp = ctx.qn, ctx.qp
+        # NaN compares false everywhere, so a NaN weight is in none of the three regions: no gradient at all.
+        inside = (v > -qn) & (v < qp)
+        grad_w = grad_step = None
+        if ctx.needs_input_grad[0]:
+            grad_w = (grad * inside.to(grad.dtype)).to(ctx.w_dtype)
+        if ctx.needs_input_grad[1]:
+            zero = torch.zeros((), dtype=v.dtype, device=v.device)
+            ds = torch.where(inside, torch.round(v) - v, torch.where(v <= -qn, -float(qn), zero))
+            ds = torch.where(v >= qp, float(qp), ds)
+            terms = grad.to(torch.float64) * ds.to(torch.float64)
+            dims = _reduce_dims(ctx.step_shape, v.shape)
+            total = terms.sum(dim=dims, keepdim=True) if dims else terms
+            grad_step = (total * ctx.grad_scale).reshape(ctx.step_shape).to(ctx.step_dtype)
+        return grad_w, grad_step, None, None, None, None
+
+
+def lsq_quantize(
+    w: Tensor,
+    step: Tensor,
+    bits: int,
+    narrow: bool = False,
+    grad_scale: float | None = None,
+    min_step: float = 0.0,
+) -> Tensor:
+    """LSQ: ``round(clamp(w / s, -Qn, Qp)) * s`` with the paper's gradients (see the module docstring).
+
+    Args:
+        w: The float weight, any shape and floating dtype.
+        step: The learned step ``s``, already shaped to broadcast against ``w`` without changing its shape: ``(1,)``
+            per tensor, or ``C`` entries along one axis for per channel (e.g. ``(C, 1, 1, 1)`` for a conv weight,
+            ``(1, C)`` for a transposed ``Conv1D`` weight). Must be positive unless ``min_step`` is.
+        bits: Bit width ``b``, 2..16.
+        narrow: Symmetric range ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` instead of LSQ's ``[-2**(b-1), 2**(b-1) - 1]``.
+        grad_scale: Factor on the step's gradient. None: the paper's ``1 / sqrt(N * Qp)`` with ``N = w.numel() /
+            step.numel()``, the number of weights sharing a step. ``1.0`` gives the unscaled gradient.
+        min_step: The forward uses ``max(s, min_step)``; the step's gradient passes straight through the floor.
+
+    Returns:
+        The fake-quantized weight, same shape and dtype as ``w``, values ``code * s`` with integer codes.
+
+    Raises:
+        ValueError: If ``bits`` is not an int in 2..16, ``step`` does not broadcast to ``w``'s shape, or
+            ``grad_scale`` is not a finite positive number.
+    """
+    qn, qp = lsq_range(bits, narrow)
+    _check_step_shape(step, w)
+    if grad_scale is None:
+        grad_scale = 1.0 / math.sqrt(max(w.numel() // step.numel(), 1) * qp)
+    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
+        raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
+    return _LSQFunction.apply(w, step, qn, qp, float(grad_scale), float(min_step))
