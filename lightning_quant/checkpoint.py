@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from lightning_quant.config import config_from_dict
-from lightning_quant.surgery import QuantizationPlan, inject_quantizers
+from lightning_quant.surgery import RECIPE_KEY, QuantizationPlan, decode_recipe, inject_quantizers
 
-#: Key of the checkpoint entry the callbacks write (``on_save_checkpoint``) and :func:`load_from_checkpoint` reads.
+#: Key of the checkpoint entry written by lightning_quant 0.1's callbacks; still read, no longer written (the recipe
+#: now travels in the model's own ``state_dict`` under :data:`~lightning_quant.surgery.RECIPE_KEY`).
 CHECKPOINT_KEY = "lightning_quant"
 M = TypeVar("M", bound=nn.Module)
 
@@ -25,23 +26,47 @@ def _init_kwargs(module_cls: type, checkpoint: dict[str, Any], init_kwargs: dict
     return {**saved, **init_kwargs}
 
 
+def checkpoint_recipe(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The ``{"config": ..., "plan": ...}`` recipe stored in a loaded checkpoint.
+
+    Raises:
+        KeyError: If the checkpoint holds none, with what to call instead.
+    """
+    state = checkpoint.get("state_dict", checkpoint)
+    for key, value in state.items():
+        if key == RECIPE_KEY or key.endswith("." + RECIPE_KEY):
+            return decode_recipe(value)
+    if CHECKPOINT_KEY in checkpoint:  # written by lightning_quant 0.1 as a checkpoint entry: still readable
+        return checkpoint[CHECKPOINT_KEY]
+    quantizer_keys = [k for k in state if k.endswith((".alpha", ".lower", ".upper")) or ".weight_quantizer." in k]
+    if quantizer_keys:
+        raise KeyError(
+            f"The checkpoint holds quantizer parameters ({quantizer_keys[:3]}...) but no recipe (no {RECIPE_KEY!r}"
+            " key): it was written by an older lightning_quant with `save_weights_only=True`. Build the model, call"
+            " `lightning_quant.inject_quantizers(model, <the config it was trained with>)`, then"
+            " `model.load_state_dict(checkpoint['state_dict'])`."
+        )
+    raise KeyError(
+        f"The checkpoint holds no quantization recipe (no {RECIPE_KEY!r} key in its state_dict): it was written from a"
+        " model without quantizers. Load it with your module's own `YourModule.load_from_checkpoint(path)`; to"
+        " quantize it, fine-tune it with a lightning_quant callback."
+    )
+
+
 def inject_from_checkpoint(model: M, checkpoint: dict[str, Any]) -> M:
     """Inject the quantizers a checkpoint was trained with into ``model`` and load its weights (strict).
 
+    Works on full and weights-only Lightning checkpoints alike, and on a plain ``{"state_dict": ...}`` dict.
+
     Args:
         model: A freshly built, un-injected model of the class that was trained.
-        checkpoint: A loaded Lightning checkpoint written while a lightning_quant callback was active.
+        checkpoint: A loaded checkpoint of a model that held lightning_quant quantizers.
 
     Raises:
-        KeyError: If the checkpoint holds no lightning_quant entry.
+        KeyError: If the checkpoint holds no recipe (the message says what to call instead).
         ValueError: If ``model`` does not give the structure the checkpoint was trained with.
     """
-    if CHECKPOINT_KEY not in checkpoint:
-        raise KeyError(
-            f"The checkpoint has no {CHECKPOINT_KEY!r} entry: it was not written while a lightning_quant callback was"
-            " active. Load it with your module's own `load_from_checkpoint`."
-        )
-    entry = checkpoint[CHECKPOINT_KEY]
+    entry = checkpoint_recipe(checkpoint)
     config = config_from_dict(entry["config"])
     plan = inject_quantizers(model, config, warn=False, example_input=getattr(model, "example_input_array", None))
     saved = QuantizationPlan.from_dict(entry["plan"])
@@ -51,7 +76,7 @@ def inject_from_checkpoint(model: M, checkpoint: dict[str, Any]) -> M:
             f" (was the model's code or its init arguments changed?).\nNow:\n{plan.format()}\nCheckpoint:\n"
             f"{saved.format()}"
         )
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.load_state_dict(checkpoint.get("state_dict", checkpoint), strict=True)
     return model
 
 
@@ -66,12 +91,13 @@ def load_from_checkpoint(
 
     Args:
         module_cls: The LightningModule (or any ``nn.Module``) class that was trained.
-        checkpoint_path: Path of a checkpoint written by a ``Trainer`` with a lightning_quant callback.
+        checkpoint_path: Path of a checkpoint written by a ``Trainer`` with a lightning_quant callback (full or
+            ``save_weights_only=True``).
         map_location: Passed to :func:`torch.load`.
         **init_kwargs: Arguments for ``module_cls(...)``.
 
     Raises:
-        KeyError: If the checkpoint was not written with a lightning_quant callback.
+        KeyError: If the checkpoint holds no quantization recipe (the message says what to call instead).
         ValueError: If the rebuilt model's structure differs from the checkpoint's.
     """
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)

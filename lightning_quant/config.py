@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer, check_bits, check_positive
 from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
+from lightning_quant.quantizers.lsq import LSQWeight
 from lightning_quant.quantizers.pact import DoReFaWeight, PACTActivation
 from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
 
@@ -25,6 +26,24 @@ FIRST_LAST_POLICIES = ("float", "8bit", "quantize")
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def as_names(value: object, name: str) -> tuple[str, ...]:
+    """Normalise a list-of-names argument: None is empty, one string is one name (not its characters).
+
+    Raises:
+        ValueError: If ``value`` is not None, a string, or a sequence of non-empty strings.
+    """
+    if value is None:
+        return ()
+    names = (value,) if isinstance(value, str) else value
+    try:
+        names = tuple(names)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"`{name}` must be a module name, a glob pattern or a list of them (or None), got {value!r}.")
+    return names
 
 
 @dataclass(frozen=True)
@@ -49,10 +68,7 @@ class QuantConfig:
         check_bits(self.weight_bits, "weight_bits", allow_none=True)
         if self.first_last not in FIRST_LAST_POLICIES:
             raise ValueError(f"`first_last` must be one of {FIRST_LAST_POLICIES}, got {self.first_last!r}.")
-        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
-        if not all(isinstance(s, str) and s for s in skip):
-            raise ValueError(f"`skip` must be a list of non-empty module names or glob patterns, got {self.skip!r}.")
-        object.__setattr__(self, "skip", skip)
+        object.__setattr__(self, "skip", as_names(self.skip, "skip"))
 
     activation_types: ClassVar[tuple[type[nn.Module], ...]] = ACTIVATION_TYPES
     weight_types: ClassVar[tuple[type[nn.Module], ...]] = WEIGHT_TYPES
@@ -69,28 +85,64 @@ class QuantConfig:
         return {"method": self.method, **data}
 
 
+#: Weight quantizers PACT can use, by the names its ``weight_quantizer`` argument takes.
+PACT_WEIGHT_QUANTIZERS = ("lsq", "dorefa")
+
+
 @dataclass(frozen=True)
 class PACTConfig(QuantConfig):
-    """PACT recipe: learned-clip activations (:class:`PACTActivation`) and DoReFa weights.
+    """PACT recipe: learned-clip activations (:class:`PACTActivation`) and learned-step (LSQ) or DoReFa weights.
 
     Args:
         alpha_init: Initial clip of every activation (paper: 10). ``nn.ReLU6`` sites start at ``min(alpha_init, 6)``.
+        weight_quantizer: ``"lsq"`` (default): :class:`LSQWeight`, a learned step per tensor (or per output channel)
+            started at the MSE-optimal clip of the weight, with a zero level and the weight's own scale.
+            ``"dorefa"``: the paper's DoReFa weights (no learned values; output in [-1, 1] whatever the weight's
+            scale, no zero level).
+        per_channel: One LSQ step per output channel instead of one per tensor (``"lsq"`` only).
     """
 
     method: ClassVar[str] = "pact"
     alpha_init: float = 10.0
+    weight_quantizer: str = "lsq"
+    per_channel: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.act_bits, "act_bits")  # PACT is about activations: they are always quantized
         super().__post_init__()
         check_positive(self.alpha_init, "alpha_init")
+        if self.weight_quantizer not in PACT_WEIGHT_QUANTIZERS:
+            raise ValueError(
+                f"`weight_quantizer` must be one of {PACT_WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}."
+            )
+        if not isinstance(self.per_channel, bool):
+            raise ValueError(f"`per_channel` must be a bool, got {self.per_channel!r}.")
+        if self.per_channel and self.weight_quantizer != "lsq":
+            raise ValueError(
+                f"`per_channel=True` needs `weight_quantizer='lsq'` (DoReFa has no per-channel scale), got"
+                f" weight_quantizer={self.weight_quantizer!r}."
+            )
+        if self.weight_quantizer == "lsq" and self.weight_bits is not None and self.weight_bits < 2:
+            raise ValueError(
+                f"`weight_bits` must be at least 2 with `weight_quantizer='lsq'` (1 bit leaves no zero level), got"
+                f" {self.weight_bits!r}; use weight_quantizer='dorefa' for binary weights."
+            )
 
     def make_activation(self, original: nn.Module, num_sites: int, bits: int) -> ActivationQuantizer:
         alpha = min(self.alpha_init, 6.0) if isinstance(original, nn.ReLU6) else self.alpha_init
         return PACTActivation(bits, num_sites=num_sites, alpha_init=alpha, relu6=isinstance(original, nn.ReLU6))
 
     def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
-        return DoReFaWeight(bits)
+        if self.weight_quantizer == "dorefa":
+            return DoReFaWeight(bits)
+        quantizer = LSQWeight(bits, per_channel=self.per_channel)
+        if self.per_channel and layer.weight.dim() < 2:
+            raise ValueError(
+                f"`per_channel=True` needs an output-channel axis, but {name}'s weight has shape"
+                f" {tuple(layer.weight.shape)}; skip that layer or use per-tensor steps."
+            )
+        quantizer.init_from(layer.weight.detach())
+        return quantizer
 
 
 @dataclass(frozen=True)
@@ -172,7 +224,7 @@ class QuantNoiseConfig(QuantConfig):
             raise ValueError(f"QuantNoise quantizes weights only: `act_bits` must be None, got {self.act_bits!r}.")
         check_bits(self.weight_bits, "bits")
         super().__post_init__()
-        types = (self.layer_types,) if isinstance(self.layer_types, str) else tuple(self.layer_types)
+        types = (self.layer_types,) if isinstance(self.layer_types, str) else tuple(self.layer_types or ())
         unknown = [t for t in types if t not in QUANT_NOISE_LAYER_TYPES]
         if unknown or not types:
             raise ValueError(
@@ -204,6 +256,14 @@ def register_config(cls: type[QuantConfig]) -> type[QuantConfig]:
     """Make a config class rebuildable from a checkpoint by its ``method`` name."""
     _CONFIGS[cls.method] = cls
     return cls
+
+
+def recipe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The fields in which two :meth:`QuantConfig.to_dict` outputs differ, as ``"act_bits: checkpoint 4 vs now 2"``."""
+    keys = sorted(set(saved) | set(current))
+    return ", ".join(
+        f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
+    )
 
 
 def config_from_dict(data: dict[str, Any]) -> QuantConfig:

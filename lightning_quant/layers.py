@@ -1,9 +1,10 @@
 """Layers whose forward reads a fake-quantized weight, built from the user's layer without copying it.
 
-:func:`swap_layer` builds the quantized twin of a layer by taking over its attribute dictionaries, so the new module
-holds the very same ``weight`` and ``bias`` Parameter objects: the user's references, their optimizer groups and
-their checkpoint keys (``conv1.weight``) stay valid. The weight quantizer is a child module named
-``weight_quantizer``; its learned values (if any) appear as ``conv1.weight_quantizer.*`` keys.
+:func:`swap_layer` turns a layer into its quantized twin in place (a class change, the object stays the same), so
+the model holds the very same layer and ``weight``/``bias`` Parameter objects: the user's references, other
+callbacks' references, their optimizer groups and their checkpoint keys (``conv1.weight``) stay valid. The weight
+quantizer is a child module named ``weight_quantizer``; its learned values (if any) appear as
+``conv1.weight_quantizer.*`` keys.
 """
 
 from __future__ import annotations
@@ -78,11 +79,15 @@ QUANTIZED_TWINS: dict[type[nn.Module], type[nn.Module]] = {
 }
 QUANTIZED_LAYERS = tuple(QUANTIZED_TWINS.values())
 
-_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
 def swap_layer(layer: nn.Module, weight_quantizer: WeightQuantizer) -> nn.Module:
-    """Return the quantized twin of ``layer`` sharing its Parameters, buffers, hooks and attributes.
+    """Turn ``layer`` into its quantized twin in place and return it.
+
+    The layer keeps its identity: only its class changes (to a subclass of its own class whose ``forward`` reads
+    ``weight_quantizer(weight)``) and it gains the ``weight_quantizer`` child. Every reference the user or another
+    callback holds to the layer (``ModelPruning``'s list, an optimizer's parameters, hooks) stays valid, and so do its
+    Parameter objects and state-dict keys.
 
     Args:
         layer: A module whose exact type is a key of :data:`QUANTIZED_TWINS`.
@@ -96,11 +101,7 @@ def swap_layer(layer: nn.Module, weight_quantizer: WeightQuantizer) -> nn.Module
         raise TypeError(
             f"No quantized twin for {type(layer).__name__}; supported: {sorted(t.__name__ for t in QUANTIZED_TWINS)}"
         )
-    twin = twin_cls.__new__(twin_cls)
-    twin.__dict__.update(layer.__dict__)
-    # Own containers, shared contents: adding `weight_quantizer` must not add it to the old layer as well.
-    for key in _CONTAINERS:
-        if key in layer.__dict__:
-            twin.__dict__[key] = type(layer.__dict__[key])(layer.__dict__[key])
-    twin.weight_quantizer = weight_quantizer
-    return twin
+    # The twin adds no state of its own beyond the child registered below, so the object is a valid twin as is.
+    layer.__class__ = twin_cls
+    layer.weight_quantizer = weight_quantizer
+    return layer

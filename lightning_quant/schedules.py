@@ -1,40 +1,52 @@
-"""Per-epoch schedules for a quantizer's hyper-parameter (DSQ temperature, QuantNoise rate).
+"""Schedules for a quantizer's hyper-parameter (DSQ temperature, QuantNoise rate).
 
-A schedule is a pure function of ``(epoch, max_epochs)``: every DDP rank computes the same value and a resumed run
-continues exactly where it stopped, with nothing to synchronise. The value moves from ``start`` at epoch 0 to
-``end`` at the last epoch (``max_epochs - 1``) and stays there after. Schedules are small frozen dataclasses that
-round-trip through plain dicts (:meth:`Schedule.to_dict`, :func:`schedule_from_dict`), so they can live in a
-checkpoint that torch loads with ``weights_only=True``.
+A schedule is a pure function of *training progress* ``t`` in [0, 1]: ``start`` at ``t = 0``, ``end`` at ``t = 1``.
+The callbacks compute ``t`` from where the run is (:mod:`lightning_quant.callbacks.base`): by default from the
+optimizer step (``global_step / (total steps - 1)``, so the value moves over the whole run however Lightning bounds
+it: ``max_epochs``, ``max_steps``, ``limit_train_batches``...), or per epoch (``epoch / (epochs - 1)``, the papers'
+"each epoch"). Every DDP rank computes the same value, and a resumed run continues exactly where it stopped, with
+nothing to synchronise.
+
+Schedules are small immutable classes (not dataclasses: LightningCLI's parser accepts ``class_path`` for plain
+classes only) that round-trip through plain dicts (:meth:`Schedule.to_dict`, :func:`schedule_from_dict`), so they can
+live in a checkpoint that torch loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 
-def _progress(epoch: int, max_epochs: int) -> float:
-    if max_epochs <= 1:
-        return 1.0
-    return min(max(epoch / (max_epochs - 1), 0.0), 1.0)
+def progress_of(epoch: int, num_epochs: int) -> float:
+    """Progress of epoch ``epoch`` (0-based) in a run of ``num_epochs`` epochs: 0 at the first, 1 at the last."""
+    if num_epochs <= 1:
+        return 0.0
+    return min(max(epoch / (num_epochs - 1), 0.0), 1.0)
 
 
-def _check_number(value: Any, name: str) -> None:
+def _check_number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    return float(value)
 
 
-@dataclass(frozen=True)
 class Schedule:
-    """Base class: subclasses define ``__call__(epoch, max_epochs)``; ``start``/``end`` bound every value."""
+    """Base class: subclasses define :meth:`at` and list their constructor arguments in ``_fields``."""
 
-    def __call__(self, epoch: int, max_epochs: int) -> float:  # pragma: no cover - abstract
+    _fields: tuple[str, ...] = ()
+
+    def at(self, progress: float) -> float:  # pragma: no cover - abstract
+        """The value at training progress ``progress`` in [0, 1] (clamped)."""
         raise NotImplementedError
+
+    def __call__(self, epoch: int, num_epochs: int) -> float:
+        """The value at epoch ``epoch`` of ``num_epochs`` (per-epoch mode)."""
+        return self.at(progress_of(epoch, num_epochs))
 
     def endpoints(self) -> tuple[float, float]:
         """The first and last values; every schedule here is monotone, so these bound all its values."""
-        return self(0, 2), self(1, 2)
+        return self.at(0.0), self.at(1.0)
 
     def check_range(self, name: str, low: float, high: float, low_open: bool = True, high_open: bool = True) -> None:
         """Raise a ``ValueError`` naming ``name`` unless every value lies in the given interval.
@@ -49,64 +61,91 @@ class Schedule:
                 raise ValueError(f"`{name}` must stay inside {interval}; {self!r} reaches {v!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, **asdict(self)}
+        return {"type": type(self).__name__, **{f: getattr(self, f) for f in self._fields}}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; build a new one.")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.to_dict() == self.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().items()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
+        return f"{type(self).__name__}({args})"
 
 
-@dataclass(frozen=True)
 class ConstantSchedule(Schedule):
-    """The same ``value`` every epoch."""
+    """The same ``value`` all run long.
 
-    value: float
+    Args:
+        value: The value.
 
-    def __post_init__(self) -> None:
-        _check_number(self.value, "value")
+    Raises:
+        ValueError: If ``value`` is not a finite number.
+    """
 
-    def __call__(self, epoch: int, max_epochs: int) -> float:
-        return float(self.value)
+    _fields = ("value",)
+
+    def __init__(self, value: float) -> None:
+        object.__setattr__(self, "value", _check_number(value, "value"))
+
+    def at(self, progress: float) -> float:
+        return self.value
 
 
-@dataclass(frozen=True)
 class _Ramp(Schedule):
-    """A schedule from ``start`` (first epoch) to ``end`` (last epoch); subclasses give the shape."""
+    """A schedule from ``start`` (progress 0) to ``end`` (progress 1); subclasses give the shape.
 
-    start: float
-    end: float
+    Args:
+        start: Value at the start of training.
+        end: Value at the end of training.
 
-    def __post_init__(self) -> None:
-        _check_number(self.start, "start")
-        _check_number(self.end, "end")
+    Raises:
+        ValueError: If ``start`` or ``end`` is not a finite number.
+    """
+
+    _fields = ("start", "end")
+
+    def __init__(self, start: float, end: float) -> None:
+        object.__setattr__(self, "start", _check_number(start, "start"))
+        object.__setattr__(self, "end", _check_number(end, "end"))
 
 
-@dataclass(frozen=True)
+def _clamp(progress: float) -> float:
+    return min(max(float(progress), 0.0), 1.0)
+
+
 class LinearSchedule(_Ramp):
-    """Straight line from ``start`` (first epoch) to ``end`` (last epoch)."""
+    """Straight line from ``start`` to ``end``."""
 
-    def __call__(self, epoch: int, max_epochs: int) -> float:
-        t = _progress(epoch, max_epochs)
-        return float(self.start + (self.end - self.start) * t)
+    def at(self, progress: float) -> float:
+        return float(self.start + (self.end - self.start) * _clamp(progress))
 
 
-@dataclass(frozen=True)
 class CosineSchedule(_Ramp):
     """Half cosine from ``start`` to ``end``: slow at both ends, fastest in the middle."""
 
-    def __call__(self, epoch: int, max_epochs: int) -> float:
-        t = _progress(epoch, max_epochs)
-        return float(self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * t)))
+    def at(self, progress: float) -> float:
+        return float(self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * _clamp(progress))))
 
 
-@dataclass(frozen=True)
 class ExponentialSchedule(_Ramp):
-    """Geometric from ``start`` to ``end`` (both > 0): the same ratio every epoch."""
+    """Geometric from ``start`` to ``end`` (both > 0): the same ratio per unit of progress.
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    Raises:
+        ValueError: If ``start`` or ``end`` is not positive.
+    """
+
+    def __init__(self, start: float, end: float) -> None:
+        super().__init__(start, end)
         if self.start <= 0 or self.end <= 0:
-            raise ValueError(f"ExponentialSchedule needs `start` > 0 and `end` > 0, got {self.start!r}, {self.end!r}.")
+            raise ValueError(f"ExponentialSchedule needs `start` > 0 and `end` > 0, got {start!r}, {end!r}.")
 
-    def __call__(self, epoch: int, max_epochs: int) -> float:
-        t = _progress(epoch, max_epochs)
-        return float(self.start * (self.end / self.start) ** t)
+    def at(self, progress: float) -> float:
+        return float(self.start * (self.end / self.start) ** _clamp(progress))
 
 
 _SCHEDULES = {cls.__name__: cls for cls in (ConstantSchedule, LinearSchedule, CosineSchedule, ExponentialSchedule)}

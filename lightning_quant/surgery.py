@@ -7,12 +7,16 @@
   number of places the parent's class calls ``self.<name>(...)``, read from its source with :mod:`ast` (no tracing, so
   control flow in ``forward`` is fine). Container entries (``nn.Sequential``) are one site each, and a module
   instance that sits in two slots gets two quantizers;
-* swaps every ``nn.Linear`` / ``nn.Conv*d`` (exact types) for its twin in :mod:`lightning_quant.layers`, which keeps
-  the user's ``weight``/``bias`` Parameter objects, so parameter names and references stay valid;
+* turns every ``nn.Linear`` / ``nn.Conv*d`` (exact types) into its twin in :mod:`lightning_quant.layers` in place
+  (same object, same ``weight``/``bias`` Parameters), so parameter names and every reference stay valid;
+* gives each new quantizer the trainability of the layer it belongs to: a weight quantizer that of its layer's
+  weight, an activation quantizer that of the module that calls it (a frozen backbone keeps frozen clips);
 * leaves alone what ``skip`` names, and applies the first/last-layer policy in module registration order;
 * warns, naming the class and line, about functional activations (``F.relu``) that can not be swapped.
 
-The model remembers its recipe (a plain dict in ``model._lightning_quant``), which makes injection idempotent.
+The model remembers its recipe in a uint8 buffer ``lightning_quant_recipe`` (its JSON text), which makes injection
+idempotent and puts the recipe in the model's ``state_dict``: any checkpoint of the model, even a weights-only one,
+says how to rebuild it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import inspect
+import json
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -28,11 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.config import QuantConfig
+from lightning_quant.config import QuantConfig, recipe_difference
 from lightning_quant.layers import QUANTIZED_LAYERS, QUANTIZED_TWINS, swap_layer
 from lightning_quant.quantizers.base import ActivationQuantizer, ResetCallSites
 
-RECIPE_ATTR = "_lightning_quant"
+#: Name of the buffer holding an injected model's recipe, and so its key in the model's ``state_dict``.
+RECIPE_KEY = "lightning_quant_recipe"
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _FUNCTIONAL_ACTIVATIONS = {"relu", "relu_", "relu6"}
 
@@ -113,6 +119,55 @@ class QuantizationPlan:
         )
         lines.append(f"  (first/last layers {how}; the model's own input and functional activations stay float)")
         return "\n".join(lines)
+
+
+def encode_recipe(recipe: dict[str, Any]) -> torch.Tensor:
+    """The recipe as a uint8 tensor of its JSON text (a tensor, so state-dict code that calls ``.clone()``,
+    ``.cpu()`` or ``.to(device)`` on every value keeps working, and ``weights_only`` loading accepts it)."""
+    return torch.tensor(list(json.dumps(recipe, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def decode_recipe(data: torch.Tensor) -> dict[str, Any]:
+    """Inverse of :func:`encode_recipe`."""
+    return json.loads(bytes(data.detach().cpu().tolist()).decode())
+
+
+def _normalized(recipe: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(recipe, sort_keys=True))  # tuples become lists, as after a round trip
+
+
+class _LoadRecipe:
+    """Load pre-hook of an injected model: refuse a state dict written with another recipe, with a clear message.
+
+    A small class rather than a closure, so the model still pickles (``ddp_spawn``) and deep-copies.
+    """
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        error_msgs: list[str] = args[-1]  # (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + RECIPE_KEY
+        if key not in state_dict or not isinstance(state_dict[key], torch.Tensor):
+            return
+        saved, mine = decode_recipe(state_dict[key]), injected_recipe(module)
+        if mine is None:
+            return
+        if saved.get("config") != mine["config"]:
+            state_dict.pop(key)
+            error_msgs.append(
+                f"the state dict was written with another quantization recipe than this model's"
+                f" ({recipe_difference(saved.get('config') or {}, mine['config'])}). Resume with the same quantization"
+                " arguments, or rebuild the model from its checkpoint with"
+                " `lightning_quant.load_from_checkpoint(YourModule, path)`."
+            )
+        else:  # same recipe; the plan's text (warnings) may differ in length: keep this model's own
+            state_dict[key] = getattr(module, RECIPE_KEY).clone()
+
+
+def _attach_recipe(model: nn.Module, recipe: dict[str, Any]) -> None:
+    """Store the recipe in the model as the buffer :data:`RECIPE_KEY` (so it is in every ``state_dict``, even of a
+    weights-only checkpoint) and guard loading with :class:`_LoadRecipe`. Not a submodule: an ``nn.Sequential``
+    model must not call it."""
+    model.register_buffer(RECIPE_KEY, encode_recipe(recipe))
+    model.register_load_state_dict_pre_hook(_LoadRecipe())
 
 
 def _slots(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
@@ -210,6 +265,28 @@ def find_functional_activations(model: nn.Module) -> list[str]:
                     call = ast.unparse(node.func)
                     found.append(f"{klass.__qualname__}.{method.name} calls `{call}(...)`")
     return found
+
+
+def _trainability(model: nn.Module) -> dict[str, bool | None]:
+    """For each module name: whether any parameter under it is trainable (None: it has no parameters)."""
+    out: dict[str, bool | None] = {}
+    for name, module in model.named_modules():
+        flags = [p.requires_grad for p in module.parameters()]
+        out[name] = any(flags) if flags else None
+    return out
+
+
+def _caller_trainable(name: str, trainable: dict[str, bool | None]) -> bool:
+    """Whether the activation at ``name`` belongs to trainable code: the nearest enclosing module with parameters
+    decides (a ``requires_grad_(False)`` backbone freezes the clips inside it)."""
+    parts = name.split(".")[:-1]
+    while parts:
+        flag = trainable.get(".".join(parts))
+        if flag is not None:
+            return flag
+        parts.pop()
+    flag = trainable.get("")
+    return True if flag is None else flag
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -338,8 +415,8 @@ def inject_quantizers(
         ValueError: If ``model`` was injected with another recipe, a ``skip`` pattern matches nothing, or nothing is
             left to quantize.
     """
-    recipe = config.to_dict()
-    existing = getattr(model, RECIPE_ATTR, None)
+    recipe = _normalized(config.to_dict())
+    existing = injected_recipe(model)
     if existing is not None:
         if existing["config"] != recipe:
             raise ValueError(
@@ -352,6 +429,7 @@ def inject_quantizers(
     # Read before the swap: afterwards the model also holds this package's own modules.
     functional = find_functional_activations(model)
     slots = _slots(model)
+    trainable = _trainability(model)  # read before the swap adds quantizers (trainable by default)
     weight_slots = [s for s in slots if type(s[3]) in config.weight_types and type(s[3]) in QUANTIZED_TWINS]
     weight_names = [s[0] for s in weight_slots]
     activation_slots = [
@@ -401,7 +479,7 @@ def inject_quantizers(
 
     plan = QuantizationPlan(order=order_used)
     plan.warnings.extend(dry_run_warnings)
-    twins: dict[int, nn.Module] = {}
+    twins: dict[int, PlanEntry] = {}
     reset_hooks: dict[int, tuple[nn.Module, list[str]]] = {}
     for name, parent, attr, child in slots:
         if isinstance(child, config.activation_types) and type(child) in config.activation_types:
@@ -422,6 +500,7 @@ def inject_quantizers(
             mixed = len(set(site_bits)) > 1
             bits = max(b for b in site_bits if b is not None)
             quantizer = config.make_activation(child, sites, bits).train(child.training)
+            quantizer.requires_grad_(_caller_trainable(name, trainable))
             if mixed:
                 quantizer.set_site_bits(site_bits)
             setattr(parent, attr, quantizer)
@@ -439,6 +518,9 @@ def inject_quantizers(
             )
             if sites > 1:
                 reset_hooks.setdefault(id(parent), (parent, []))[1].append(attr)
+        elif id(child) in twins:  # a layer shared by two slots stays one layer, quantized once
+            first = twins[id(child)]
+            plan.entries.append(PlanEntry(name, "weight", first.bits, 1, first.quantizer, first.reason))
         elif type(child) in config.weight_types and type(child) in QUANTIZED_TWINS:
             if _skipped(name, config.skip):
                 plan.entries.append(PlanEntry(name, "weight", None, reason="skip"))
@@ -448,12 +530,11 @@ def inject_quantizers(
             if bits is None:
                 plan.entries.append(PlanEntry(name, "weight", None, reason=reason or "weight_bits=None"))
                 continue
-            if id(child) not in twins:  # a layer shared by two slots stays one layer
-                weight_quantizer = config.make_weight(child, name, bits).train(child.training)
-                twins[id(child)] = swap_layer(child, weight_quantizer)
-            twin = twins[id(child)]
-            setattr(parent, attr, twin)
-            plan.entries.append(PlanEntry(name, "weight", bits, 1, type(twin.weight_quantizer).__name__, reason))
+            weight_quantizer = config.make_weight(child, name, bits).train(child.training)
+            weight_quantizer.requires_grad_(child.weight.requires_grad)
+            swap_layer(child, weight_quantizer)  # in place: the layer object stays where it is
+            twins[id(child)] = PlanEntry(name, "weight", bits, 1, type(weight_quantizer).__name__, reason)
+            plan.entries.append(twins[id(child)])
         elif isinstance(child, QUANTIZED_LAYERS) or isinstance(child, ActivationQuantizer):
             raise ValueError(f"{name} already holds a quantizer but {type(model).__name__} carries no recipe.")
 
@@ -475,7 +556,7 @@ def inject_quantizers(
     if warn:
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=2)
-    object.__setattr__(model, RECIPE_ATTR, {"config": recipe, "plan": plan.to_dict()})
+    _attach_recipe(model, {"config": recipe, "plan": plan.to_dict()})
     return plan
 
 
@@ -497,7 +578,8 @@ def _disable_fused_paths(model: nn.Module, plan: QuantizationPlan) -> None:
 
 def injected_recipe(model: nn.Module) -> dict[str, Any] | None:
     """The ``{"config": ..., "plan": ...}`` dict of an injected model, or None."""
-    return getattr(model, RECIPE_ATTR, None)
+    data = model._buffers.get(RECIPE_KEY)
+    return None if data is None else decode_recipe(data)
 
 
 def activation_quantizers(model: nn.Module) -> list[tuple[str, ActivationQuantizer]]:

@@ -129,7 +129,8 @@ def test_temperature_schedule_logged_and_applied(tmp_path):
                 float(pl_module.fc2.weight_quantizer.get_temperature()),
             )
 
-    _trainer(tmp_path, [DSQCallback(temperature=schedule), Record()], max_epochs=4, logger=logger).fit(Net())
+    cb = DSQCallback(temperature=schedule, schedule_by="epoch")
+    _trainer(tmp_path, [cb, Record()], max_epochs=4, logger=logger).fit(Net())
     for epoch in range(4):
         assert seen[epoch] == pytest.approx((schedule(epoch, 4), schedule(epoch, 4)), rel=1e-6)
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
@@ -157,7 +158,7 @@ def test_resume_continues_the_temperature_exactly(tmp_path):
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True)
         trainer = _trainer(
             tmp_path / root,
-            [DSQCallback(temperature=schedule), Record(), ckpt] + ([StopAfter()] if stop else []),
+            [DSQCallback(temperature=schedule, schedule_by="epoch"), Record(), ckpt] + ([StopAfter()] if stop else []),
             max_epochs=max_epochs,
             enable_checkpointing=True,
         )

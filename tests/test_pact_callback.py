@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_quant
 from lightning_quant import PACTCallback, load_from_checkpoint
-from lightning_quant.optim import GROUP_NAME
+from lightning_quant.optim import GROUP_NAME, WEIGHT_GROUP_NAME
 from lightning_quant.quantizers.pact import PACTActivation
+from lightning_quant.surgery import RECIPE_KEY, decode_recipe
 
 
 def _data(n: int = 96, seed: int = 0) -> TensorDataset:
@@ -69,6 +70,9 @@ class Net(L.LightningModule):
         elif kind == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4 * 6)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        elif kind == "cyclic":
+            sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.005, max_lr=0.05, step_size_up=5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         elif kind == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=10.0)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train_loss"}}
@@ -106,15 +110,19 @@ def _alphas(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_alphas_get_one_group_of_their_own_and_user_groups_are_untouched(tmp_path):
     torch.manual_seed(0)
     model = Net(optimizer="sgd")
-    user_params = [p for p in model.parameters()]
     cb = PACTCallback(act_bits=4, weight_bits=4, first_last="quantize", alpha_init=3.0, alpha_lr=0.02)
     trainer = _trainer(tmp_path, [cb])
     trainer.fit(model)
+    user_params = [p for n, p in model.named_parameters() if not n.endswith("alpha")]
 
     groups = trainer.optimizers[0].param_groups
-    assert len(groups) == 2
-    user, alpha = groups
-    assert [id(p) for p in user["params"]] == [id(p) for p in user_params]  # same objects, same order
+    assert len(groups) == 3
+    user, alpha, steps = groups
+    step_params = [m.weight_quantizer.step for m in (model.fc1, model.fc2, model.fc3)]
+    assert [id(p) for p in user["params"]] == [id(p) for p in user_params if all(p is not s for s in step_params)]
+    # LSQ steps: their own group, at the lr of the weights they scale, no weight decay (it would shrink them).
+    assert [id(p) for p in steps["params"]] == [id(p) for p in step_params]
+    assert (steps["lr"], steps["weight_decay"], steps["name"]) == (0.05, 0.0, WEIGHT_GROUP_NAME)
     assert (user["lr"], user["momentum"], user["weight_decay"]) == (0.05, 0.9, 1e-4)
     alphas = [m.alpha for m in model.modules() if isinstance(m, PACTActivation)]
     assert [id(p) for p in alpha["params"]] == [id(p) for p in alphas]
@@ -134,10 +142,11 @@ def test_user_reference_to_weight_stays_valid(tmp_path):
     assert model.fc2.weight is w
     assert not torch.equal(w.detach(), before)  # the optimizer trained the user's own Parameter
     assert keys <= set(model.state_dict())
-    assert set(model.state_dict()) - keys == {"relu1.alpha", "relu2.alpha"}
+    steps = {f"fc{i}.weight_quantizer.step" for i in (1, 2, 3)}
+    assert set(model.state_dict()) - keys == {"relu1.alpha", "relu2.alpha", RECIPE_KEY, *steps}
 
 
-SCHEDULERS = ["step", "cosine", "lambda", "onecycle", "plateau"]
+SCHEDULERS = ["step", "cosine", "lambda", "onecycle", "cyclic", "plateau"]
 
 
 class RecordLRs(L.Callback):
@@ -147,7 +156,8 @@ class RecordLRs(L.Callback):
         self.seen = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[-1]["lr"]))
+        by_name = {g.get("name"): g["lr"] for g in optimizer.param_groups}
+        self.seen.append((optimizer.param_groups[0]["lr"], by_name[GROUP_NAME], by_name[WEIGHT_GROUP_NAME]))
 
 
 @pytest.mark.parametrize("mode", ["follow", "constant"])
@@ -160,16 +170,18 @@ def test_alpha_group_under_user_scheduler(tmp_path, kind, mode):
     cb = PACTCallback(first_last="quantize", alpha_lr=alpha_lr, lr_schedule=mode)
     trainer = _trainer(tmp_path, [cb, record], max_epochs=4)
     trainer.fit(model)
-    assert len(trainer.optimizers[0].param_groups) == 2
-    user_base = 0.05 / 25 if kind == "onecycle" else 0.05  # OneCycleLR's base lr is max_lr / div_factor
+    assert len(trainer.optimizers[0].param_groups) == 3
+    user_peak = 0.05  # every scheduler here peaks at 0.05: the base lr, or OneCycleLR's and CyclicLR's max_lr
     assert len(record.seen) == 4 * 6
-    assert len({user for user, _ in record.seen}) > 1, "the scheduler never changed the user's lr: nothing tested"
-    for user_lr, group_lr in record.seen:
-        expected = alpha_lr * user_lr / user_base if mode == "follow" else alpha_lr
+    assert len({user for user, _, _ in record.seen}) > 1, "the scheduler never changed the user's lr: nothing tested"
+    for user_lr, group_lr, steps_lr in record.seen:
+        expected = alpha_lr * user_lr / user_peak if mode == "follow" else alpha_lr
         assert group_lr == pytest.approx(expected, rel=1e-6)
+        assert steps_lr == pytest.approx(user_lr, rel=1e-6)  # the LSQ steps move with the weights they scale
+    assert max(group for _, group, _ in record.seen) <= alpha_lr * (1 + 1e-9)  # alpha_lr is the group's highest lr
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     if hasattr(scheduler, "base_lrs"):
-        assert len(scheduler.base_lrs) == 2
+        assert len(scheduler.base_lrs) == 3
 
 
 def test_manual_optimization_and_two_optimizers(tmp_path):
@@ -189,7 +201,7 @@ def test_manual_optimization_and_two_optimizers(tmp_path):
             opt_b.step()
 
         def configure_optimizers(self):
-            head = list(self.fc3.parameters())
+            head = [self.fc3.weight, self.fc3.bias]
             body = [p for p in self.parameters() if all(p is not q for q in head)]
             return torch.optim.Adam(body, lr=1e-2), torch.optim.SGD(head, lr=0.1)
 
@@ -200,7 +212,7 @@ def test_manual_optimization_and_two_optimizers(tmp_path):
     trainer = _trainer(tmp_path, [PACTCallback(first_last="quantize", alpha_init=2.0)])
     trainer.fit(model)
     body_opt, head_opt = trainer.optimizers
-    assert len(body_opt.param_groups) == 2 and body_opt.param_groups[1]["name"] == GROUP_NAME
+    assert [g.get("name") for g in body_opt.param_groups] == [None, GROUP_NAME, WEIGHT_GROUP_NAME]
     assert len(head_opt.param_groups) == 1
     for alpha in _alphas(model).values():
         assert not torch.equal(alpha, torch.full_like(alpha, 2.0))
@@ -234,7 +246,7 @@ def test_resume_restores_alphas_optimizer_and_callback_state_exactly(tmp_path):
     _, first = run(2, root="part")
     ckpt_path = tmp_path / "part" / "last.ckpt"
     saved = torch.load(ckpt_path, weights_only=True)  # plain values only: torch's safe loader accepts it
-    assert saved["lightning_quant"]["config"]["act_bits"] == 3
+    assert decode_recipe(saved["state_dict"][RECIPE_KEY])["config"]["act_bits"] == 3
     resumed, resumed_trainer = run(3, ckpt_path=str(ckpt_path), root="part")
 
     for name, alpha in _alphas(full).items():
@@ -254,7 +266,8 @@ def test_resume_with_other_bits_is_a_clear_error(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     _trainer(tmp_path, [PACTCallback(act_bits=4), ckpt], max_epochs=1, enable_checkpointing=True).fit(Net())
     model = Net()
-    with pytest.raises(ValueError, match=r"another quantization recipe \(act_bits: checkpoint 4 vs callback 2\)"):
+    # The model's weights load first (Lightning restores them before callback states): its recipe check speaks.
+    with pytest.raises(RuntimeError, match=r"another quantization recipe .*\(act_bits: checkpoint 4 vs now 2\)"):
         _trainer(tmp_path, [PACTCallback(act_bits=2)], max_epochs=2).fit(model, ckpt_path=str(tmp_path / "last.ckpt"))
 
 
@@ -272,7 +285,7 @@ def test_load_from_checkpoint_rebuilds_the_trained_model(tmp_path):
     assert torch.equal(loaded(x), model(x))
     assert _alphas(loaded).keys() == _alphas(model).keys()
 
-    with pytest.raises(KeyError, match="no 'lightning_quant' entry"):
+    with pytest.raises(KeyError, match="no quantization recipe.*YourModule.load_from_checkpoint"):
         plain = tmp_path / "plain.ckpt"
         torch.save({"state_dict": Net().state_dict()}, plain)
         load_from_checkpoint(Net, plain)
@@ -303,7 +316,7 @@ def test_fit_twice_then_validate_does_not_double_wrap(tmp_path):
     _trainer(tmp_path, [cb], max_epochs=1).fit(model)
     trainer.validate(model, verbose=False)
     assert [type(m).__name__ for m in model.modules()] == modules
-    assert len(trainer.optimizers[0].param_groups) == 2
+    assert len(trainer.optimizers[0].param_groups) == 3
 
 
 def test_functional_relu_warns_naming_the_model(tmp_path):

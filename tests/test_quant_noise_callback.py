@@ -20,6 +20,7 @@ from lightning_quant.functional.quant_noise import fake_quantize_affine
 from lightning_quant.layers import QuantLinear
 from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
 from lightning_quant.schedules import CosineSchedule, LinearSchedule
+from lightning_quant.surgery import RECIPE_KEY
 
 
 def _data(n: int = 96) -> TensorDataset:
@@ -77,7 +78,8 @@ def test_rate_schedule_moves_each_epoch_and_is_logged(tmp_path):
     schedule = LinearSchedule(0.1, 0.5)
     record = RecordP()
     logger = CSVLogger(tmp_path, name="logs")
-    _trainer(tmp_path, [QuantNoiseCallback(bits=4, p=schedule), record], max_epochs=5, logger=logger).fit(Net())
+    cb = QuantNoiseCallback(bits=4, p=schedule, schedule_by="epoch")
+    _trainer(tmp_path, [cb, record], max_epochs=5, logger=logger).fit(Net())
     assert record.p == pytest.approx({e: schedule(e, 5) for e in range(5)})
     rows = [r for r in csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")) if r.get("quant_noise/p")]
     assert [float(r["quant_noise/p"]) for r in rows] == pytest.approx([schedule(e, 5) for e in range(5)])
@@ -90,7 +92,7 @@ def test_resumed_run_continues_the_schedule_exactly(tmp_path):
         torch.manual_seed(0)
         record = RecordP()
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True)
-        cb = QuantNoiseCallback(bits=4, p=schedule)
+        cb = QuantNoiseCallback(bits=4, p=schedule, schedule_by="epoch")
         trainer = _trainer(tmp_path / root, [cb, record, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
         trainer.fit(Net(), ckpt_path=ckpt_path)
         return record.p
@@ -153,7 +155,7 @@ def test_training_never_changes_weights_without_an_optimizer_step(tmp_path):
     _trainer(tmp_path, [QuantNoiseCallback(bits=2, p=0.7, mode="scalar")], max_epochs=1, limit_train_batches=0).fit(
         model
     )
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # every value is a tensor, the recipe too
     model.train()
     for _ in range(50):
         model(torch.randn(4, 16)).sum().backward()
@@ -244,7 +246,8 @@ def test_fused_encoder_fast_path_does_not_bypass_quantized_linears():
         finally:
             torch.backends.mha.set_fastpath_enabled(True)
         float_layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True).eval()
-        float_layer.load_state_dict({k: v for k, v in layer.state_dict().items() if "quantizer" not in k})
+        state = {k: v for k, v in layer.state_dict().items() if "quantizer" not in k and k != RECIPE_KEY}
+        float_layer.load_state_dict(state)
         reference = float_layer(x)
     assert torch.allclose(fast, slow, atol=1e-6), "the fused path read the raw float weights"
     assert not torch.allclose(fast, reference, atol=1e-4), "quantization had no effect: nothing was tested"

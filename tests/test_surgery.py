@@ -21,9 +21,10 @@ from lightning_quant.layers import QUANTIZED_LAYERS, QuantConv2d, QuantLinear
 from lightning_quant.quantizers.base import WeightQuantizer
 from lightning_quant.quantizers.pact import DoReFaWeight, PACTActivation
 from lightning_quant.surgery import (
-    RECIPE_ATTR,
+    RECIPE_KEY,
     activation_quantizers,
     count_call_sites,
+    decode_recipe,
     inject_quantizers,
     injected_recipe,
     weight_quantizers,
@@ -286,9 +287,10 @@ def test_swapped_layers_keep_parameter_objects_and_state_dict_keys() -> None:
     torch.manual_seed(0)
     model = TinyResNet()
     params_before = dict(model.named_parameters())
+    layers_before = dict(model.named_modules())
     keys_before = set(model.state_dict())
     values_before = {k: v.clone() for k, v in model.state_dict().items()}
-    inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=4, first_last="quantize"))
+    inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=4, first_last="quantize", weight_quantizer="dorefa"))
     params_after = dict(model.named_parameters())
     for name, p in params_before.items():
         assert params_after[name] is p, name
@@ -297,7 +299,11 @@ def test_swapped_layers_keep_parameter_objects_and_state_dict_keys() -> None:
     keys_after = set(model.state_dict())
     assert keys_before <= keys_after
     added = keys_after - keys_before
-    assert added == {"block.relu.alpha"}
+    assert added == {"block.relu.alpha", RECIPE_KEY}  # the recipe travels in the state dict, as a uint8 tensor
+    assert model.state_dict()[RECIPE_KEY].dtype == torch.uint8
+    assert decode_recipe(model.state_dict()[RECIPE_KEY])["config"]["act_bits"] == 4
+    # The layer objects themselves are kept: their class changes in place.
+    assert isinstance(model.block.conv1, QuantConv2d) and model.block.conv1 is layers_before["block.conv1"]
     for k, v in values_before.items():
         assert torch.equal(model.state_dict()[k], v), k
     # A float copy of the original model loads the user's keys (strict) from the injected one, minus alpha.
@@ -308,7 +314,7 @@ def test_swapped_layers_keep_parameter_objects_and_state_dict_keys() -> None:
 def test_swapped_layer_forward_uses_the_quantized_weight() -> None:
     torch.manual_seed(0)
     model = mlp()
-    inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=2, first_last="quantize"))
+    inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=2, first_last="quantize", weight_quantizer="dorefa"))
     layer = model[2]
     x = torch.randn(5, 8)
     expected = F.linear(x, DoReFaWeight(2)(layer.weight), layer.bias)
@@ -319,12 +325,12 @@ def test_swapped_layer_forward_uses_the_quantized_weight() -> None:
 def test_injection_twice_is_a_no_op() -> None:
     torch.manual_seed(0)
     model = TinyResNet()
-    config = PACTConfig(act_bits=4, weight_bits=4, first_last="quantize")
+    config = PACTConfig(act_bits=4, weight_bits=4, first_last="quantize", weight_quantizer="dorefa")
     plan1 = inject_quantizers(model, config)
     modules1 = [(name, id(m), type(m)) for name, m in model.named_modules()]
     hooks1 = len(model.block._forward_pre_hooks)
     params1 = [id(p) for p in model.parameters()]
-    plan2 = inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=4, first_last="quantize"))
+    plan2 = inject_quantizers(model, config)
     assert plan2.to_dict() == plan1.to_dict()
     assert [(name, id(m), type(m)) for name, m in model.named_modules()] == modules1
     assert len(model.block._forward_pre_hooks) == hooks1
@@ -343,7 +349,7 @@ def test_injecting_another_recipe_raises() -> None:
     with pytest.raises(ValueError, match="already holds quantizers"):
         inject_quantizers(model, PACTConfig(act_bits=2, weight_bits=4, first_last="quantize"))
     assert [(name, id(m)) for name, m in model.named_modules()] == before
-    assert getattr(model, RECIPE_ATTR)["config"]["act_bits"] == 4
+    assert injected_recipe(model)["config"]["act_bits"] == 4
 
 
 # ------------------------------------------------------------------------------------------------ policies

@@ -3,22 +3,27 @@
 Where each step happens, and why (Lightning 2.x ``Trainer._run`` order):
 
 * ``setup`` (every stage, before the checkpoint's weights load and before DDP wraps the model): inject the
-  quantizers. Injection is idempotent, so ``fit`` twice or ``validate`` after ``fit`` changes nothing.
+  quantizers. Injection is idempotent, so ``fit`` twice or ``validate`` after ``fit`` changes nothing. Callbacks
+  that captured the model in their own ``setup`` before this one ran (weight averaging) are set up again, and
+  pairings that can not work are refused here, before any step (:mod:`lightning_quant.callbacks.interplay`).
 * ``on_fit_start`` (after ``configure_optimizers``, before the optimizer state is restored): move the quantizer
-  parameters into one optimizer group of their own and extend the LR schedulers for it.
-* ``on_train_epoch_start``: move the per-epoch schedules (pure functions of the epoch, so every DDP rank and every
-  resumed run agrees).
+  parameters into one optimizer group of their own, extend the LR schedulers for it, and measure the run's length
+  for the schedules.
+* ``on_train_batch_start``: move the schedules. Each value is a pure function of the optimizer step (or the epoch),
+  read from the trainer at that moment, so every DDP rank agrees and a resumed run -- whose loop counters Lightning
+  restores only after ``on_fit_start`` -- uses at every step the value the uninterrupted run used.
 * ``on_train_epoch_end``: log what the quantizers learned.
-* ``on_save_checkpoint``: store the recipe and the plan under ``checkpoint["lightning_quant"]``, which is what
-  :func:`lightning_quant.load_from_checkpoint` needs to rebuild the quantized model.
 * ``state_dict``/``load_state_dict``: plain values only (torch's ``weights_only`` loading accepts them); a
-  checkpoint written with another recipe is refused.
+  checkpoint written with another recipe is refused. The recipe itself travels in the model's ``state_dict``
+  (the buffer ``lightning_quant_recipe``), so weights-only checkpoints can be rebuilt too.
 
 Subclasses only say which config they build, what to log and which schedules to move.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,10 +34,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_quant.checkpoint import CHECKPOINT_KEY
-from lightning_quant.config import QuantConfig
+from lightning_quant.callbacks.interplay import check_other_callbacks
+from lightning_quant.config import QuantConfig, recipe_difference
 from lightning_quant.functional import fused
 from lightning_quant.optim import (
+    GROUP_NAME,
     LR_SCHEDULE_MODES,
     add_quantizer_group,
     extend_scheduler,
@@ -40,10 +46,32 @@ from lightning_quant.optim import (
     set_group_lr,
 )
 from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer, check_positive
-from lightning_quant.schedules import Schedule
+from lightning_quant.schedules import ConstantSchedule, Schedule, progress_of
 from lightning_quant.surgery import QuantizationPlan, inject_quantizers
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+
+
+@dataclass
+class QuantizerGroup:
+    """One optimizer group of quantizer parameters.
+
+    Args:
+        name: The group's ``name`` (``LearningRateMonitor`` shows it).
+        params: Its parameters.
+        lr: Its learning rate (the highest it sees under the user's scheduler); None: the lr of the group holding
+            ``reference``, following that group's schedule exactly.
+        weight_decay: Its weight decay.
+        reference: Parameters whose group sets the lr when ``lr`` is None.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float | None
+    weight_decay: float = 0.0
+    reference: list[nn.Parameter] = field(default_factory=list)
+#: Allowed values of ``schedule_by``: what "training progress" counts.
+SCHEDULE_UNITS = ("step", "epoch")
 
 
 @rank_zero_only
@@ -56,12 +84,23 @@ class QuantizationCallback(Callback):
 
     Args:
         config: The recipe (what to quantize, how).
-        quantizer_lr: Learning rate of the quantizer parameters' own optimizer group.
+        quantizer_lr: Learning rate of the quantizer parameters' own optimizer group: the highest lr the group sees
+            (see ``lr_schedule``). None only for methods without learned quantizer parameters.
         quantizer_weight_decay: Weight decay (L2) of that group.
-        lr_schedule: ``"follow"``: the group follows the user's LR scheduler, scaled by ``quantizer_lr`` over the
-            base lr of the group its parameters came from. ``"constant"``: its lr stays ``quantizer_lr``.
+        lr_schedule: ``"follow"``: the group follows the user's LR scheduler in proportion, peaking at
+            ``quantizer_lr`` where the user's group peaks (its base lr for StepLR, CosineAnnealingLR,
+            ExponentialLR and ReduceLROnPlateau; ``max_lr`` for OneCycleLR and CyclicLR; the lr at which a LambdaLR
+            factor is 1). ``"constant"``: its lr stays ``quantizer_lr``.
         log_every_n_steps: Also log the learned values every n optimizer steps (None: once per epoch only).
         verbose: Print the quantization plan at fit start (rank zero).
+        schedules: The method's schedules by name (e.g. ``{"temperature": CosineSchedule(0.4, 0.05)}``).
+        schedule_by: What moves the schedules. ``"step"`` (default): the optimizer step, progress
+            ``global_step / (total steps - 1)`` with the total from ``trainer.estimated_stepping_batches``, so the
+            value moves over the whole run however it is bounded (``max_epochs``, ``max_steps``, both,
+            ``limit_train_batches``, gradient accumulation) and a run of one epoch is not stuck at one value.
+            ``"epoch"``: one value per epoch, progress ``epoch / (epochs - 1)`` (the papers' "each epoch"), with the
+            number of epochs taken from ``max_epochs`` or, when ``max_steps`` ends the run first, from the steps.
+            A run bounded by ``max_time`` alone has no known length: a moving schedule is then an error at fit start.
         compile_quantizers: How the quantizers' elementwise kernels run: ``"auto"`` (default: the native C kernels
             where they apply -- PACT, DoReFa and DSQ on CPU float32, built once per machine in about a second -- and
             elsewhere eager, each kernel compiled with ``torch.compile`` once it has spent about as long eagerly as
@@ -76,6 +115,10 @@ class QuantizationCallback(Callback):
 
     #: Prefix of logged keys, e.g. ``"pact"``.
     log_prefix = "quant"
+    #: Whether the method has learned quantizer parameters (which then need ``quantizer_lr``).
+    learns_parameters = True
+    #: Public argument names of the quantizer lr/wd in a subclass (PACT calls them ``alpha_lr``...), for messages.
+    _arg_names: dict[str, str] = {}
 
     def __init__(
         self,
@@ -86,6 +129,7 @@ class QuantizationCallback(Callback):
         log_every_n_steps: int | None = None,
         verbose: bool = True,
         schedules: dict[str, Schedule] | None = None,
+        schedule_by: str = "step",
         compile_quantizers: bool | str = "auto",
     ) -> None:
         super().__init__()
@@ -95,8 +139,14 @@ class QuantizationCallback(Callback):
             raise ValueError(
                 f"`compile_quantizers` must be True, False, 'on', 'off' or 'auto', got {compile_quantizers!r}."
             ) from None
-        if quantizer_lr is not None:  # None: the method has no learned quantizer parameters
-            check_positive(quantizer_lr, self._arg_names.get("quantizer_lr", "quantizer_lr"))
+        lr_name = self._arg_names.get("quantizer_lr", "quantizer_lr")
+        if self.learns_parameters:
+            if quantizer_lr is None:
+                raise ValueError(
+                    f"`{lr_name}` must be a finite number > 0 (the learning rate of the quantizer parameters' own"
+                    f" optimizer group), got None."
+                )
+            check_positive(quantizer_lr, lr_name)
         check_positive(
             quantizer_weight_decay,
             self._arg_names.get("quantizer_weight_decay", "quantizer_weight_decay"),
@@ -104,6 +154,8 @@ class QuantizationCallback(Callback):
         )
         if lr_schedule not in LR_SCHEDULE_MODES:
             raise ValueError(f"`lr_schedule` must be one of {LR_SCHEDULE_MODES}, got {lr_schedule!r}.")
+        if schedule_by not in SCHEDULE_UNITS:
+            raise ValueError(f"`schedule_by` must be one of {SCHEDULE_UNITS}, got {schedule_by!r}.")
         if log_every_n_steps is not None and (
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
@@ -115,18 +167,14 @@ class QuantizationCallback(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
         self.schedules: dict[str, Schedule] = dict(schedules or {})
+        self.schedule_by = schedule_by
         self.plan: QuantizationPlan | None = None
-        self._group: tuple[int, int] | None = None
+        self._groups: list[tuple[int, int, float | None]] = []  # (optimizer, group, constant lr or None)
+        self._run_length: int | None = None  # total optimizer steps or epochs, measured at fit start
+        self._applied: dict[str, float] = {}  # the schedule values last written into the modules
         self._warned = False
 
-    #: Public argument names of the quantizer lr/wd in a subclass (PACT calls them ``alpha_lr``...), for messages.
-    _arg_names: dict[str, str] = {}
-
     # ------------------------------------------------------------------ what subclasses provide
-    def schedule_values(self, epoch: int, max_epochs: int) -> dict[str, float]:
-        """Every schedule's value at ``epoch``."""
-        return {name: schedule(epoch, max_epochs) for name, schedule in self.schedules.items()}
-
     def apply_schedule_values(self, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         """Write the schedule values into the quantizer modules (subclasses that have schedules)."""
 
@@ -156,6 +204,62 @@ class QuantizationCallback(Callback):
                 " DeepSpeed) are not supported yet."
             )
 
+    # ------------------------------------------------------------------ schedules
+    def _moving_schedules(self) -> list[str]:
+        return [name for name, s in self.schedules.items() if not isinstance(s, ConstantSchedule)]
+
+    def _measure_run_length(self, trainer: pl.Trainer) -> int | None:
+        """Total optimizer steps (``schedule_by="step"``) or epochs (``"epoch"``) of the run; None if unknown."""
+        steps = trainer.estimated_stepping_batches
+        if self.schedule_by == "step":
+            return max(int(steps), 1) if math.isfinite(steps) else None
+        epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+        if trainer.max_steps == -1 or not math.isfinite(steps):
+            return epochs
+        # `max_steps` may end the run before `max_epochs` does: count the epochs those steps take.
+        if trainer.train_dataloader is None:
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            return epochs
+        per_epoch = max(math.ceil(batches / max(trainer.accumulate_grad_batches, 1)), 1)
+        by_steps = max(math.ceil(int(steps) / per_epoch), 1)
+        return by_steps if epochs is None else min(epochs, by_steps)
+
+    def _check_run_length(self, trainer: pl.Trainer) -> None:
+        moving = self._moving_schedules()
+        self._run_length = self._measure_run_length(trainer) if self.schedules else None
+        if moving and self._run_length is None:
+            raise ValueError(
+                f"{type(self).__name__}: the schedule of {moving} needs the run's length, and this run has none"
+                f" (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, max_time set: a time limit alone"
+                " does not say how many steps remain). Set `max_steps` or `max_epochs` on the Trainer, or give"
+                " a constant value."
+            )
+        if moving and self._run_length == 1:
+            rank_zero_warn(
+                f"{type(self).__name__}: this run has a single {self.schedule_by}, so the schedule of {moving} holds"
+                " its start value throughout. Use `schedule_by='step'` to move it within the epoch.",
+            )
+
+    def training_progress(self, trainer: pl.Trainer) -> float:
+        """Where the run is, in [0, 1]: the optimizer step (or epoch) over the last one of the run."""
+        if not self._run_length:
+            return 0.0
+        position = trainer.global_step if self.schedule_by == "step" else trainer.current_epoch
+        return progress_of(position, self._run_length)
+
+    def schedule_values(self, trainer: pl.Trainer) -> dict[str, float]:
+        """Every schedule's value at the trainer's current position."""
+        progress = self.training_progress(trainer)
+        return {name: schedule.at(progress) for name, schedule in self.schedules.items()}
+
+    def _apply_schedules(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = self.schedule_values(trainer)
+        if values != self._applied:  # one write per change, not one per step
+            self.apply_schedule_values(pl_module, values)
+            self._applied = values
+
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -163,6 +267,7 @@ class QuantizationCallback(Callback):
         fused.set_compiled(self.compile_quantizers)
         example = getattr(pl_module, "example_input_array", None)
         self.plan = inject_quantizers(pl_module, self.config, warn=False, example_input=example)
+        check_other_callbacks(trainer, self, pl_module, stage)
         if not self._warned:
             self._warned = True
             for message in self.plan.warnings:
@@ -170,6 +275,7 @@ class QuantizationCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_run_length(trainer)
         if self.verbose and self.plan is not None:
             _print(self.plan.format(f"{type(self).__name__}: quantization plan of {type(pl_module).__name__}"))
         if getattr(trainer.strategy, "_start_method", "popen") != "popen":
@@ -180,59 +286,65 @@ class QuantizationCallback(Callback):
                 " never injected. After `fit`, load the trained quantized model with"
                 " `lightning_quant.load_from_checkpoint(YourModule, checkpoint_path)`, or use `strategy='ddp'`."
             )
-        self._group = None
-        params = [p for _, p in self.quantizer_parameters(pl_module)]
-        if params and trainer.optimizers and self.quantizer_lr is not None:
-            self._group = self._add_group(trainer, params)
-        self.apply_schedule_values(pl_module, self.schedule_values(trainer.current_epoch, self._max_epochs(trainer)))
+        self._groups = []
+        if trainer.optimizers:
+            for group in self.quantizer_groups(pl_module):
+                if group.params:
+                    self._groups.append(self._add_group(trainer, group))
+        self._applied = {}
+        if trainer.ckpt_path is None:
+            # A fresh run starts at the start values. A resumed one is left alone: its loop counters are still 0 at
+            # this point, and the restored buffers hold the right values until the first batch sets them.
+            self._apply_schedules(trainer, pl_module)
 
-    def _add_group(self, trainer: pl.Trainer, params: list[nn.Parameter]) -> tuple[int, int]:
-        """Add (or find) the quantizer group; returns ``(optimizer index, group index)``."""
+    def quantizer_groups(self, pl_module: pl.LightningModule) -> list[QuantizerGroup]:
+        """The optimizer groups the quantizer parameters go to; by default one, with ``quantizer_lr``."""
+        if self.quantizer_lr is None:
+            return []
+        params = [p for _, p in self.quantizer_parameters(pl_module)]
+        return [QuantizerGroup(GROUP_NAME, params, self.quantizer_lr, self.quantizer_weight_decay)]
+
+    def _add_group(self, trainer: pl.Trainer, group: QuantizerGroup) -> tuple[int, int, float | None]:
+        """Add (or find) one quantizer group; returns ``(optimizer index, group index, lr to hold or None)``."""
+        constant = group.lr if self.lr_schedule == "constant" else None
         for i, optimizer in enumerate(trainer.optimizers):
-            existing = find_quantizer_group(optimizer)
+            existing = find_quantizer_group(optimizer, group.name)
             if existing is not None:  # the user returned an optimizer this callback already extended
-                return i, existing
+                return i, existing, constant
         opt_index, group_index, source = add_quantizer_group(
-            trainer.optimizers, params, self.quantizer_lr, self.quantizer_weight_decay
+            trainer.optimizers, group.params, group.lr, group.weight_decay, group.name, group.reference
         )
         optimizer = trainer.optimizers[opt_index]
         for config in trainer.lr_scheduler_configs:
             if getattr(config.scheduler, "optimizer", None) is optimizer:
-                extend_scheduler(config.scheduler, source, self.quantizer_lr)
-        if self.lr_schedule == "constant":
-            set_group_lr(optimizer, group_index, self.quantizer_lr)
-        return opt_index, group_index
-
-    @staticmethod
-    def _max_epochs(trainer: pl.Trainer) -> int:
-        return trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.apply_schedule_values(pl_module, self.schedule_values(trainer.current_epoch, self._max_epochs(trainer)))
+                extend_scheduler(config.scheduler, source, group.lr)
+        if constant is not None:
+            set_group_lr(optimizer, group_index, constant)
+        return opt_index, group_index, constant
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.lr_schedule == "constant" and self._group is not None:
-            opt_index, group_index = self._group
-            set_group_lr(trainer.optimizers[opt_index], group_index, self.quantizer_lr)
+        self._apply_schedules(trainer, pl_module)
+        for opt_index, group_index, constant in self._groups:
+            if constant is not None:
+                set_group_lr(trainer.optimizers[opt_index], group_index, constant)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.log_every_n_steps and trainer.global_step % self.log_every_n_steps == 0:
-            self._log(pl_module, on_step=True)
+            self._log(trainer, pl_module, on_step=True)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(pl_module, on_step=False)
+        self._log(trainer, pl_module, on_step=False)
 
-    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
-        values = dict(self.learned_values(pl_module))
-        values.update(self.schedule_values(pl_module.trainer.current_epoch, self._max_epochs(pl_module.trainer)))
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+        values: dict[str, Any] = dict(self.learned_values(pl_module))
+        values.update(self._applied or self.schedule_values(trainer))
         for key, value in values.items():
             # The values are identical on every rank (DDP keeps them so): per-step logs skip the reduction; per-epoch
             # logs take it (a few scalars) because Lightning expects epoch-level logs to be synced under DDP.
@@ -242,22 +354,12 @@ class QuantizationCallback(Callback):
                 pl_module.log(f"{self.log_prefix}/{key}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        if self.plan is not None:
-            checkpoint[CHECKPOINT_KEY] = {
-                "version": CHECKPOINT_VERSION,
-                "config": self.recipe(),
-                "plan": self.plan.to_dict(),
-            }
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.recipe(),
             "schedules": {name: s.to_dict() for name, s in self.schedules.items()},
+            "schedule_by": self.schedule_by,
             "quantizer_lr": self.quantizer_lr,
             "quantizer_weight_decay": self.quantizer_weight_decay,
         }
@@ -265,20 +367,17 @@ class QuantizationCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("config", {})
-        mine = self.recipe()
-        if saved != mine:
-            diff = {
-                k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)
-            }
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs callback {b!r}" for k, (a, b) in diff.items())
+        if saved != self.recipe():
+            difference = recipe_difference(saved, self.recipe())
             raise ValueError(
-                f"The checkpoint was written with another quantization recipe ({detail}). Resume with the same"
-                f" {type(self).__name__} arguments, or start a new fit without `ckpt_path`."
+                f"The checkpoint was written with another quantization recipe ({difference})."
+                f" Resume with the same {type(self).__name__} arguments, or start a new fit without `ckpt_path`."
             )
         saved_schedules = state_dict.get("schedules", {})
         mine_schedules = {name: s.to_dict() for name, s in self.schedules.items()}
-        if saved_schedules and saved_schedules != mine_schedules:
+        saved_by = state_dict.get("schedule_by", self.schedule_by)
+        if (saved_schedules and saved_schedules != mine_schedules) or saved_by != self.schedule_by:
             rank_zero_warn(
-                f"{type(self).__name__}: the checkpoint's schedules {saved_schedules} differ from this callback's"
-                f" {mine_schedules}; the run continues with this callback's."
+                f"{type(self).__name__}: the checkpoint's schedules {saved_schedules} (by {saved_by}) differ from this"
+                f" callback's {mine_schedules} (by {self.schedule_by}); the run continues with this callback's."
             )

@@ -28,7 +28,7 @@ class DSQCallback(QuantizationCallback):
     non-finite values ignored; under DDP the min and max are reduced across ranks so every rank starts alike; ``l``
     stays 0 unless ``learn_activation_lower=True``).
     The temperature (the paper's characteristic variable alpha in (0, 1); small = close to the hard step) is a
-    number, a schedule moved each epoch, or learned per layer (``learn_temperature=True``, the paper's mode).
+    number, a schedule over the run, or learned per layer (``learn_temperature=True``, the paper's mode).
 
     Logged each epoch: ``dsq/temperature`` (or ``dsq/temperature/<layer>`` when learned) and each layer's range as
     ``dsq/lower/<layer>`` and ``dsq/upper/<layer>``.
@@ -47,11 +47,13 @@ class DSQCallback(QuantizationCallback):
         quantizer_lr: Learning rate of the quantizer parameters' group (ranges, learned alphas). Default 1e-3: with
             Adam a range bound moves about this much per step, and weight ranges are ~0.1 wide.
         quantizer_weight_decay: Weight decay of that group (default 0: decay would shrink the ranges).
-        skip: Module names or glob patterns left float.
+        skip: A module name or glob pattern, or a list of them, left float (None: nothing skipped).
         first_last: ``"float"`` (default, as in the paper), ``"8bit"`` or ``"quantize"``; see :class:`PACTCallback`.
         lr_schedule: ``"follow"`` or ``"constant"``; see :class:`PACTCallback`.
         log_every_n_steps: Also log every n steps.
         verbose: Print the quantization plan at fit start.
+        schedule_by: ``"step"`` (default: the schedule moves with every optimizer step over the whole run, however
+            it is bounded) or ``"epoch"`` (one value per epoch); see :class:`QuantizationCallback`.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
 
     Raises:
@@ -70,11 +72,12 @@ class DSQCallback(QuantizationCallback):
         learn_activation_lower: bool = False,
         quantizer_lr: float = 1e-3,
         quantizer_weight_decay: float = 0.0,
-        skip: Sequence[str] = (),
+        skip: str | Sequence[str] | None = (),
         first_last: str = "float",
         lr_schedule: str = "follow",
         log_every_n_steps: int | None = None,
         verbose: bool = True,
+        schedule_by: str = "step",
         compile_quantizers: bool | str = "auto",
     ) -> None:
         schedule = as_schedule(temperature, "temperature")
@@ -91,7 +94,7 @@ class DSQCallback(QuantizationCallback):
             learn_temperature=learn_temperature,
             learn_activation_lower=learn_activation_lower,
             first_last=first_last,
-            skip=tuple(skip),
+            skip=skip,
         )
         super().__init__(
             config,
@@ -100,6 +103,7 @@ class DSQCallback(QuantizationCallback):
             lr_schedule=lr_schedule,
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
+            schedule_by=schedule_by,
             schedules={} if learn_temperature else {"temperature": schedule},
             compile_quantizers=compile_quantizers,
         )

@@ -12,15 +12,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.callbacks.base import QuantizationCallback, QuantizerGroup
 from lightning_quant.config import PACTConfig
+from lightning_quant.optim import WEIGHT_GROUP_NAME
+from lightning_quant.quantizers.base import check_positive
+from lightning_quant.quantizers.lsq import LSQWeight
 from lightning_quant.quantizers.pact import PACTActivation
 
 
 class PACTCallback(QuantizationCallback):
     r"""Quantization-aware training with PACT: every ``nn.ReLU``/``nn.ReLU6`` becomes ``clip(x, 0, alpha)``
-    quantized to ``act_bits`` with a learned ``alpha`` per call site, and Linear/Conv weights are DoReFa-quantized to
-    ``weight_bits``.
+    quantized to ``act_bits`` with a learned ``alpha`` per call site, and Linear/Conv weights are quantized to
+    ``weight_bits`` with a learned step (LSQ, the default) or DoReFa-style.
 
     The model is not edited by the user: the callback swaps the modules in ``setup``, puts every alpha in one
     optimizer group of its own, logs each clip as ``pact/alpha/<layer>`` every epoch, and stores what is needed to
@@ -33,20 +36,34 @@ class PACTCallback(QuantizationCallback):
 
     Args:
         act_bits: Bit width of the activations, 1..16 (paper: 2-5 bits keep accuracy).
-        weight_bits: Bit width of the weights, 1..16, or None to keep the weights float (activation-only PACT).
+        weight_bits: Bit width of the weights, 2..16 (1..16 with DoReFa), or None to keep the weights float
+            (activation-only PACT).
+        weight_quantizer: ``"lsq"`` (default): a learned step per tensor (LSQ, Esser et al. 2019; PACT's learned clip
+            applied to weights), started at the MSE-optimal clip of each weight; it keeps the weight's scale and
+            has a zero level (pruned weights stay 0). ``"dorefa"``: the paper's DoReFa weights, which lie in
+            [-1, 1] whatever the weight's scale (harmless before BatchNorm, harmful in a Linear without it) and
+            have no zero level.
+        per_channel: One LSQ step per output channel.
+        weight_quantizer_lr: Learning rate of the LSQ steps' own group (``lightning_quant.weights``, no weight
+            decay). None (default): the lr of the weights they scale, following the user's schedule exactly, as
+            in LSQ.
         alpha_init: Initial clip of every activation. Default 10, the paper's value, paired with the L2 penalty
             ``alpha_weight_decay`` that pulls it down to the range the data needs. ReLU6 sites start at 6.
-        alpha_lr: Learning rate of the alpha group. Larger than the usual fine-tuning lr on purpose: with a small one
-            alpha barely moves from its start and PACT is inert.
+        alpha_lr: Learning rate of the alpha group, the highest it sees under the user's LR scheduler (see
+            ``lr_schedule``). Larger than the usual fine-tuning lr on purpose: with a small one alpha barely moves from
+            its start and PACT is inert.
         alpha_weight_decay: Weight decay (the paper's L2 regularisation of alpha; 2e-4 in its CIFAR runs).
-        skip: Module names or glob patterns (``"features.0"``, ``"*.downsample.*"``) left float, with what is under
-            them. A pattern that matches nothing is an error listing the modules that exist.
+        skip: A module name or glob pattern (``"features.0"``, ``"*.downsample.*"``), or a list of them, left float
+            with what is under them; None skips nothing. A pattern that matches nothing is an error listing the
+            modules that exist.
         first_last: ``"float"`` (paper): the first and last weight layers keep float weights and the activation that
             feeds the last layer stays float (the first layer's input is the model's input, never quantized).
             ``"8bit"``: those places take 8 bits. ``"quantize"``: they take ``act_bits``/``weight_bits`` like the rest.
-            First and last follow module registration order.
-        lr_schedule: ``"follow"`` (default): the alpha group follows the user's LR scheduler in proportion
-            (``alpha_lr`` times the user's lr over their base lr), so alpha settles as the weights do.
+            First and last follow execution order when the model has ``example_input_array`` (a dry run), module
+            registration order otherwise.
+        lr_schedule: ``"follow"`` (default): the alpha group follows the user's LR scheduler in proportion, peaking at
+            ``alpha_lr`` where the user's lr peaks (its base lr; ``max_lr`` under OneCycleLR and CyclicLR; where a
+            LambdaLR factor is 1), so alpha settles as the weights do.
             ``"constant"``: the alpha group's lr stays ``alpha_lr`` whatever the scheduler does.
         log_every_n_steps: Also log the clips every n steps (default: once per epoch).
         plot: At the end of fitting, write ``pact_alpha.png`` (learned clip per layer beside the largest activation
@@ -57,7 +74,7 @@ class PACTCallback(QuantizationCallback):
 
     Raises:
         ValueError: If an argument is out of range (bits not an int in 1..16, ``alpha_init`` or ``alpha_lr`` not
-            positive, unknown ``first_last`` or ``lr_schedule``).
+            positive, unknown ``weight_quantizer``, ``first_last`` or ``lr_schedule``).
     """
 
     log_prefix = "pact"
@@ -67,10 +84,13 @@ class PACTCallback(QuantizationCallback):
         self,
         act_bits: int = 4,
         weight_bits: int | None = 4,
+        weight_quantizer: str = "lsq",
+        per_channel: bool = False,
+        weight_quantizer_lr: float | None = None,
         alpha_init: float = 10.0,
         alpha_lr: float = 0.01,
         alpha_weight_decay: float = 2e-4,
-        skip: Sequence[str] = (),
+        skip: str | Sequence[str] | None = (),
         first_last: str = "float",
         lr_schedule: str = "follow",
         log_every_n_steps: int | None = None,
@@ -79,8 +99,17 @@ class PACTCallback(QuantizationCallback):
         compile_quantizers: bool | str = "auto",
     ) -> None:
         config = PACTConfig(
-            act_bits=act_bits, weight_bits=weight_bits, alpha_init=alpha_init, first_last=first_last, skip=tuple(skip)
+            act_bits=act_bits,
+            weight_bits=weight_bits,
+            alpha_init=alpha_init,
+            first_last=first_last,
+            skip=skip,
+            weight_quantizer=weight_quantizer,
+            per_channel=per_channel,
         )
+        if weight_quantizer_lr is not None:
+            check_positive(weight_quantizer_lr, "weight_quantizer_lr")
+        self.weight_quantizer_lr = None if weight_quantizer_lr is None else float(weight_quantizer_lr)
         super().__init__(
             config,
             quantizer_lr=alpha_lr,
@@ -93,6 +122,18 @@ class PACTCallback(QuantizationCallback):
         self.plot = plot
         self._max_seen: dict[str, Tensor] = {}
         self._hooks: list[Any] = []
+
+    @override
+    def quantizer_groups(self, pl_module: pl.LightningModule) -> list[QuantizerGroup]:
+        """Clips in ``lightning_quant`` (``alpha_lr``, ``alpha_weight_decay``); LSQ steps in
+        ``lightning_quant.weights`` (``weight_quantizer_lr``, no decay: it would shrink the steps)."""
+        (clips,) = super().quantizer_groups(pl_module)
+        layers = [m for m in pl_module.modules() if isinstance(getattr(m, "weight_quantizer", None), LSQWeight)]
+        steps = [m.weight_quantizer.step for m in layers]
+        step_ids = {id(p) for p in steps}
+        clips.params = [p for p in clips.params if id(p) not in step_ids]
+        weights = QuantizerGroup(WEIGHT_GROUP_NAME, steps, self.weight_quantizer_lr, 0.0, [m.weight for m in layers])
+        return [clips, weights]
 
     @override
     def learned_values(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:

@@ -20,7 +20,7 @@ class QuantNoiseCallback(QuantizationCallback):
 
     At evaluation, scalar mode quantizes the whole weight to ``bits`` (scale and zero point observed from the current
     weights for ``2**bits`` levels); block mode uses no noise (the block proxy prepares for product quantization,
-    a separate step). The rate ``p`` is a number or a schedule moved each epoch (this package's addition; the paper
+    a separate step). The rate ``p`` is a number or a schedule over the run (this package's addition; the paper
     keeps it fixed), logged as ``quant_noise/p``.
 
     Example::
@@ -36,10 +36,12 @@ class QuantNoiseCallback(QuantizationCallback):
             layer's input features (whole kernels are the blocks of k x k convolutions).
         layer_types: Layer types to cover: any of ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``,
             ``"Embedding"``.
-        skip: Module names or glob patterns left float.
+        skip: A module name or glob pattern, or a list of them, left float (None: nothing skipped).
         first_last: ``"quantize"`` (default: the paper noises every layer), ``"float"`` or ``"8bit"``.
         log_every_n_steps: Also log ``quant_noise/p`` every n steps.
         verbose: Print the quantization plan at fit start.
+        schedule_by: ``"step"`` (default: the schedule moves with every optimizer step over the whole run, however
+            it is bounded) or ``"epoch"`` (one value per epoch); see :class:`QuantizationCallback`.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
 
     Raises:
@@ -48,6 +50,7 @@ class QuantNoiseCallback(QuantizationCallback):
     """
 
     log_prefix = "quant_noise"
+    learns_parameters = False
 
     def __init__(
         self,
@@ -56,18 +59,19 @@ class QuantNoiseCallback(QuantizationCallback):
         mode: str = "scalar",
         block_size: int = 8,
         layer_types: Sequence[str] = ("Linear", "Conv2d", "Embedding"),
-        skip: Sequence[str] = (),
+        skip: str | Sequence[str] | None = (),
         first_last: str = "quantize",
         log_every_n_steps: int | None = None,
         verbose: bool = True,
+        schedule_by: str = "step",
         compile_quantizers: bool | str = "auto",
     ) -> None:
         config = QuantNoiseConfig(
             weight_bits=bits,
             mode=mode,
             block_size=block_size,
-            layer_types=tuple(layer_types) if not isinstance(layer_types, str) else (layer_types,),
-            skip=tuple(skip),
+            layer_types=layer_types,
+            skip=skip,
             first_last=first_last,
         )
         rate = as_schedule(p, "p")
@@ -77,6 +81,7 @@ class QuantNoiseCallback(QuantizationCallback):
             quantizer_lr=None,
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
+            schedule_by=schedule_by,
             schedules={"p": rate},
             compile_quantizers=compile_quantizers,
         )

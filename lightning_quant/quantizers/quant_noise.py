@@ -71,6 +71,10 @@ class QuantNoiseWeight(WeightQuantizer):
 
     p: Tensor
 
+    #: Scalar noise quantizes on a grid through 0 (its zero point is an integer); block noise scales or zeroes
+    #: whole blocks. Either way a weight that is exactly 0 stays 0.
+    has_zero_level = True
+
     def __init__(self, bits: int = 4, p: float = 0.5, mode: str = "scalar", block_size: int = 8) -> None:
         super().__init__()
         check_bits(bits, "bits")
