@@ -458,6 +458,14 @@ def _trace(model: nn.Module, args: tuple[Tensor, ...], calls: list[_Point]) -> t
 # -------------------------------------------------------------------------------------------------- rewrite
 
 
+def _numpy_dtype(dtype: str) -> Any:
+    if dtype.endswith("INT4"):
+        import ml_dtypes  # an onnx dependency
+
+        return ml_dtypes.int4 if dtype == "INT4" else ml_dtypes.uint4
+    return {"FLOAT": np.float32}.get(dtype) or np.dtype(dtype.lower())
+
+
 class _Graph:
     """Small helpers over an ``onnx.GraphProto``: constants, producers, consumers, fresh names."""
 
@@ -488,13 +496,9 @@ class _Graph:
         return None if init is None else self.onnx.numpy_helper.to_array(init)
 
     def const(self, name: str, array: np.ndarray, dtype: str = "FLOAT") -> str:
-        onnx = self.onnx
-        elem = getattr(onnx.TensorProto, dtype)
-        array = np.asarray(array)
-        if dtype == "FLOAT":
-            tensor = onnx.numpy_helper.from_array(array.astype(np.float32), name)
-        else:  # make_tensor packs INT4/UINT4 two per byte
-            tensor = onnx.helper.make_tensor(name, elem, list(array.shape), array.astype(np.int64).ravel().tolist())
+        # raw little-endian data (4-bit types packed two per byte); make_tensor's int32_data would take a varint of
+        # up to 10 bytes per int8 code.
+        tensor = self.onnx.numpy_helper.from_array(np.asarray(array).astype(_numpy_dtype(dtype)), name)
         self.graph.initializer.append(tensor)
         self.inits[name] = tensor
         return name

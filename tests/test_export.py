@@ -300,6 +300,8 @@ def test_weights_are_integer_initializers(tmp_path) -> None:
         for record in weights:
             tensor = inits[record["code"]]
             assert tensor.data_type == getattr(onnx.TensorProto, dtype), (method, bits, record["name"])
+            width = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16}[dtype]
+            assert len(tensor.raw_data) == -(-int(np.prod(tensor.dims)) * width // 8)  # packed, not varints
             layer = model.get_submodule(record["name"])
             with torch.no_grad():
                 values = layer.weight_quantizer(layer.weight)
