@@ -8,6 +8,7 @@ from lightning_quant import schedules
 from lightning_quant.callbacks import DSQCallback, PACTCallback, QuantizationCallback, QuantNoiseCallback
 from lightning_quant.checkpoint import inject_from_checkpoint, load_from_checkpoint
 from lightning_quant.config import DSQConfig, PACTConfig, QuantConfig, QuantNoiseConfig
+from lightning_quant.export import export_onnx
 from lightning_quant.surgery import QuantizationPlan, inject_quantizers
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "QuantNoiseConfig",
     "QuantizationCallback",
     "QuantizationPlan",
+    "export_onnx",
     "inject_from_checkpoint",
     "inject_quantizers",
     "load_from_checkpoint",
