@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from lightning_quant.layers import QUANTIZED_LAYERS
 from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer
 from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
+from lightning_quant.quantizers.lsq import LSQWeight
 from lightning_quant.quantizers.pact import MIN_ALPHA, DoReFaWeight, PACTActivation
 from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
 from lightning_quant.surgery import activation_quantizers, injected_recipe
@@ -202,6 +203,22 @@ def _quant_noise_grid(module: QuantNoiseWeight, weight: Tensor) -> Grid | None:
     return Grid(scale.numpy(), zero_point, 0, qmax)
 
 
+def _lsq_grid(module: LSQWeight, weight: Tensor) -> Grid:
+    # Codes in [qmin, qmax] with zero point 0; the step per tensor (0-d) or per output channel.
+    scale = module.scale().detach().float()
+    if not module.per_channel:
+        return Grid(scale.reshape(()).numpy(), 0, module.qmin, module.qmax)
+    return Grid(scale.numpy(), 0, module.qmin, module.qmax, axis=module.channel_axis % weight.dim())
+
+
+def _lsq_grid(module: LSQWeight, weight: Tensor) -> Grid:
+    # Codes in [qmin, qmax] with zero point 0; the step per tensor (0-d) or per output channel.
+    scale = module.scale().detach().float()
+    if not module.per_channel:
+        return Grid(scale.reshape(()).numpy(), 0, module.qmin, module.qmax)
+    return Grid(scale.numpy(), 0, module.qmin, module.qmax, axis=module.channel_axis % weight.dim())
+
+
 #: Activation quantizer type -> ``rule(module, site, bits) -> Grid``. Exact types: a subclass may compute otherwise.
 ACTIVATION_RULES: dict[type[nn.Module], Callable[[Any, int, int], Grid]] = {
     PACTActivation: _pact_grid,
@@ -212,6 +229,7 @@ ACTIVATION_RULES: dict[type[nn.Module], Callable[[Any, int, int], Grid]] = {
 #: q.qmax)`` with ``axis=0`` for a per-channel scale) needs nothing else.
 WEIGHT_RULES: dict[type[nn.Module], Callable[[Any, Tensor], Grid | None]] = {
     DoReFaWeight: _dorefa_grid,
+    LSQWeight: _lsq_grid,
     DSQWeight: _dsq_weight_grid,
     QuantNoiseWeight: _quant_noise_grid,
 }

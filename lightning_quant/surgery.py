@@ -500,7 +500,8 @@ def inject_quantizers(
             mixed = len(set(site_bits)) > 1
             bits = max(b for b in site_bits if b is not None)
             quantizer = config.make_activation(child, sites, bits).train(child.training)
-            quantizer.requires_grad_(_caller_trainable(name, trainable))
+            if not _caller_trainable(name, trainable):  # never switch on what the quantizer keeps fixed
+                quantizer.requires_grad_(False)
             if mixed:
                 quantizer.set_site_bits(site_bits)
             setattr(parent, attr, quantizer)
@@ -531,7 +532,8 @@ def inject_quantizers(
                 plan.entries.append(PlanEntry(name, "weight", None, reason=reason or "weight_bits=None"))
                 continue
             weight_quantizer = config.make_weight(child, name, bits).train(child.training)
-            weight_quantizer.requires_grad_(child.weight.requires_grad)
+            if not child.weight.requires_grad:
+                weight_quantizer.requires_grad_(False)
             swap_layer(child, weight_quantizer)  # in place: the layer object stays where it is
             twins[id(child)] = PlanEntry(name, "weight", bits, 1, type(weight_quantizer).__name__, reason)
             plan.entries.append(twins[id(child)])

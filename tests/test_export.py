@@ -126,7 +126,8 @@ MODELS = {
     "transformer": (TinyTransformer, (6, 8)),
 }
 CONFIGS = {
-    "pact": lambda bits: PACTConfig(act_bits=bits, weight_bits=bits, alpha_init=4.0),
+    "pact": lambda bits: PACTConfig(act_bits=bits, weight_bits=bits, alpha_init=4.0),  # LSQ weights
+    "pact_dorefa": lambda bits: PACTConfig(act_bits=bits, weight_bits=bits, alpha_init=4.0, weight_quantizer="dorefa"),
     "dsq": lambda bits: DSQConfig(act_bits=bits, weight_bits=bits),
     "quant_noise": lambda bits: QuantNoiseConfig(weight_bits=bits),
 }
@@ -282,9 +283,12 @@ def test_codes_match_torch(tmp_path, model_name: str, method: str, bits: int) ->
 def test_weights_are_integer_initializers(tmp_path) -> None:
     """Every quantized weight is stored as integer codes of the right type, equal to the torch model's codes."""
     expected = {  # method, bits -> (ONNX type of the weight codes)
-        ("pact", 2): "INT4",  # DoReFa codes -3..3
-        ("pact", 4): "INT8",  # DoReFa codes -15..15: never INT4
-        ("pact", 8): "INT16",  # DoReFa codes -255..255
+        ("pact", 2): "INT4",  # LSQ codes -2..1
+        ("pact", 4): "INT4",  # LSQ codes -8..7
+        ("pact", 8): "INT8",  # LSQ codes -128..127
+        ("pact_dorefa", 2): "INT4",  # DoReFa codes -3..3
+        ("pact_dorefa", 4): "INT8",  # DoReFa codes -15..15: never INT4
+        ("pact_dorefa", 8): "INT16",  # DoReFa codes -255..255
         ("dsq", 4): "UINT4",
         ("dsq", 8): "UINT8",
         ("quant_noise", 2): "UINT4",
@@ -402,10 +406,10 @@ def test_refusals_before_writing(tmp_path) -> None:
     target = tmp_path / "never.onnx"
     with pytest.raises(ValueError, match="holds no lightning_quant recipe"):
         export_onnx(TinyResNet(), example, target)
-    pact4, _ = _trained("resnet", "pact", 4)
+    pact4, _ = _trained("resnet", "pact_dorefa", 4)
     with pytest.raises(ValueError, match=r"DoReFaWeight weights of .* at 4 bits.*-15\.\.15.*4-bit storage"):
         export_onnx(pact4, example, target, weight_storage_bits=4)
-    pact8, _ = _trained("resnet", "pact", 8)
+    pact8, _ = _trained("resnet", "pact_dorefa", 8)
     with pytest.raises(ValueError, match=r"DoReFaWeight .* at 8 bits.*-255\.\.255.*8-bit storage"):
         export_onnx(pact8, example, target, integer_kernels=True)
     dsq, _ = _trained("resnet", "dsq", 4)

@@ -300,3 +300,11 @@ def test_skip_accepts_one_name_and_none(tmp_path):
 def test_bad_arguments_name_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_injection_never_switches_on_what_a_quantizer_keeps_fixed(toy_net):
+    from lightning_quant import DSQConfig, inject_quantizers
+
+    inject_quantizers(toy_net, DSQConfig(first_last="quantize"))
+    site = toy_net.backbone[1]
+    assert site.upper.requires_grad and not site.lower.requires_grad  # DSQ's activation l stays at 0 by default
