@@ -94,7 +94,9 @@ class PACTConfig(QuantConfig):
     """PACT recipe: learned-clip activations (:class:`PACTActivation`) and learned-step (LSQ) or DoReFa weights.
 
     Args:
-        alpha_init: Initial clip of every activation (paper: 10). ``nn.ReLU6`` sites start at ``min(alpha_init, 6)``.
+        alpha_init: Initial clip of every activation, or None (default) to calibrate each call site's clip from the
+            data it sees (:mod:`lightning_quant.calibrator`; until then it holds 6, as ReLU6). The paper's fixed
+            start is 10. ``nn.ReLU6`` sites start at ``min(alpha_init, 6)``.
         weight_quantizer: ``"lsq"`` (default): :class:`LSQWeight`, a learned step per tensor (or per output channel)
             started at the MSE-optimal clip of the weight, with a zero level and the weight's own scale.
             ``"dorefa"``: the paper's DoReFa weights (no learned values; output in [-1, 1] whatever the weight's
@@ -103,14 +105,15 @@ class PACTConfig(QuantConfig):
     """
 
     method: ClassVar[str] = "pact"
-    alpha_init: float = 10.0
+    alpha_init: float | None = None
     weight_quantizer: str = "lsq"
     per_channel: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.act_bits, "act_bits")  # PACT is about activations: they are always quantized
         super().__post_init__()
-        check_positive(self.alpha_init, "alpha_init")
+        if self.alpha_init is not None:
+            check_positive(self.alpha_init, "alpha_init")
         if self.weight_quantizer not in PACT_WEIGHT_QUANTIZERS:
             raise ValueError(
                 f"`weight_quantizer` must be one of {PACT_WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}."
@@ -129,8 +132,11 @@ class PACTConfig(QuantConfig):
             )
 
     def make_activation(self, original: nn.Module, num_sites: int, bits: int) -> ActivationQuantizer:
-        alpha = min(self.alpha_init, 6.0) if isinstance(original, nn.ReLU6) else self.alpha_init
-        return PACTActivation(bits, num_sites=num_sites, alpha_init=alpha, relu6=isinstance(original, nn.ReLU6))
+        relu6 = isinstance(original, nn.ReLU6)
+        if self.alpha_init is None:  # calibrated from data later; 6 until then
+            return PACTActivation(bits, num_sites=num_sites, alpha_init=6.0, relu6=relu6, calibrated=False)
+        alpha = min(self.alpha_init, 6.0) if relu6 else self.alpha_init
+        return PACTActivation(bits, num_sites=num_sites, alpha_init=alpha, relu6=relu6)
 
     def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
         if self.weight_quantizer == "dorefa":

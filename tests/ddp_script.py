@@ -58,7 +58,8 @@ class SaveRankState(L.Callback):
 
 
 CALLBACKS = {
-    "pact": lambda: PACTCallback(act_bits=3, weight_bits=3, first_last="quantize", alpha_init=2.0, alpha_lr=0.05),
+    # Clips calibrated from each rank's own first batch, averaged across ranks: the ranks must still start alike.
+    "pact": lambda: PACTCallback(act_bits=3, weight_bits=3, first_last="quantize", alpha_lr=0.05),
     "dsq": lambda: DSQCallback(act_bits=2, weight_bits=2, first_last="quantize", quantizer_lr=0.05),
     "quant_noise": lambda: QuantNoiseCallback(bits=4, p=0.5),
 }

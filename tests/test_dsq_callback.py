@@ -78,15 +78,19 @@ class FirstStep(L.Callback):
             }
 
 
-def test_activation_ranges_calibrate_from_the_first_batch_and_train_in_their_group(tmp_path):
+@pytest.mark.parametrize("calibration", ["mse", "max"])
+def test_activation_ranges_calibrate_from_the_first_batch_and_train_in_their_group(tmp_path, calibration):
     from lightning_quant import inject_quantizers
+    from lightning_quant.calibration import mse_clip
 
     torch.manual_seed(0)
     model = Net()
-    cb = DSQCallback(act_bits=2, weight_bits=2, first_last="quantize", quantizer_lr=0.05)
+    cb = DSQCallback(act_bits=2, weight_bits=2, first_last="quantize", quantizer_lr=0.05, calibration=calibration)
     inject_quantizers(model, cb.config)  # the callback's own injection is then a no-op
     x0 = _data()[:16][0]
-    expected_upper = F.relu(model.fc1(x0)).max().detach()  # fc1's weights are quantized in this forward too
+    with torch.no_grad():
+        pre = model.fc1(x0)  # fc1's weights are quantized in this forward too
+    expected_upper = mse_clip(pre, 2).float() if calibration == "mse" else F.relu(pre).max()
     first = FirstStep()
     trainer = _trainer(tmp_path, [cb, first])
     trainer.fit(model)
@@ -101,7 +105,7 @@ def test_activation_ranges_calibrate_from_the_first_batch_and_train_in_their_gro
     }
     assert {id(p) for p in group["params"]} == quantizer_params
     assert not torch.equal(model.relu1.upper.detach(), upper), "the range never trained"
-    assert cb._hooks == []
+    assert cb._calibrator is None  # hooks removed once every site was calibrated
 
 
 def test_weight_range_starts_at_min_max():

@@ -112,8 +112,9 @@ def test_run_bounded_by_max_time_alone_is_refused_before_any_step(tmp_path, toy_
     for key, value in before.items():
         assert torch.equal(toy_net.state_dict()[key], value), key
     # A constant rate needs no length: the same run trains.
-    make_trainer(tmp_path, [QuantNoiseCallback(p=0.3, verbose=False)], max_epochs=None, max_time={"seconds": 1},
-                 max_steps=3).fit(ToyNet())
+    make_trainer(
+        tmp_path, [QuantNoiseCallback(p=0.3, verbose=False)], max_epochs=None, max_time={"seconds": 1}, max_steps=3
+    ).fit(ToyNet())
 
 
 # ------------------------------------------------------------------------------------------------ 2. resume
@@ -219,10 +220,11 @@ def test_backbone_frozen_by_the_user_keeps_frozen_clips(tmp_path):
         def on_fit_start(self, trainer, pl_module):
             snapshot["backbone"] = copy.deepcopy(pl_module.backbone)
 
-    make_trainer(tmp_path, [PACTCallback(alpha_init=1.0, first_last="quantize", verbose=False), Snapshot()]).fit(model)
+    cb = PACTCallback(alpha_init=0.25, first_last="quantize", verbose=False)
+    make_trainer(tmp_path, [cb, Snapshot()]).fit(model)
     frozen_alpha = model.backbone[1].alpha
-    assert not frozen_alpha.requires_grad and torch.equal(frozen_alpha.detach(), torch.ones(1))
-    assert model.relu.alpha.requires_grad and not torch.equal(model.relu.alpha.detach(), torch.ones(1))
+    assert not frozen_alpha.requires_grad and torch.equal(frozen_alpha.detach(), torch.tensor([0.25]))
+    assert model.relu.alpha.requires_grad and not torch.equal(model.relu.alpha.detach(), torch.tensor([0.25]))
     x = torch.randn(16, 8)
     model.eval()
     snapshot["backbone"].eval()
@@ -231,7 +233,7 @@ def test_backbone_frozen_by_the_user_keeps_frozen_clips(tmp_path):
 
 @pytest.mark.parametrize("first", ["quant", "other"])
 def test_backbone_finetuning_freezes_and_unfreezes_the_clips_in_either_order(tmp_path, toy_net, first):
-    quant = PACTCallback(alpha_init=1.0, first_last="quantize", verbose=False)
+    quant = PACTCallback(alpha_init=0.25, first_last="quantize", verbose=False)
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=2, backbone_initial_lr=1e-2)
     seen = []
 
@@ -241,9 +243,9 @@ def test_backbone_finetuning_freezes_and_unfreezes_the_clips_in_either_order(tmp
 
     callbacks = [quant, finetuning, Record()] if first == "quant" else [finetuning, quant, Record()]
     make_trainer(tmp_path, callbacks, max_epochs=3).fit(toy_net)
-    assert seen[0][0] == seen[1][0] == 1.0  # frozen with its backbone for epochs 0 and 1
-    assert seen[2][0] != 1.0  # trains once the backbone is unfrozen
-    assert seen[0][1] != 1.0  # the clip outside the backbone trains from the start
+    assert seen[0][0] == seen[1][0] == 0.25  # frozen with its backbone for epochs 0 and 1
+    assert seen[2][0] != 0.25  # trains once the backbone is unfrozen
+    assert seen[0][1] != 0.25  # the clip outside the backbone trains from the start
     groups = [g for g in make_trainer_optimizer_groups(toy_net)]
     assert sum(id(toy_net.backbone[1].alpha) in ids for ids in groups) == 1  # in one group only
 

@@ -110,7 +110,7 @@ def _alphas(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_alphas_get_one_group_of_their_own_and_user_groups_are_untouched(tmp_path):
     torch.manual_seed(0)
     model = Net(optimizer="sgd")
-    cb = PACTCallback(act_bits=4, weight_bits=4, first_last="quantize", alpha_init=3.0, alpha_lr=0.02)
+    cb = PACTCallback(act_bits=4, weight_bits=4, first_last="quantize", alpha_init=0.5, alpha_lr=0.02)
     trainer = _trainer(tmp_path, [cb])
     trainer.fit(model)
     user_params = [p for n, p in model.named_parameters() if not n.endswith("alpha")]
@@ -126,10 +126,10 @@ def test_alphas_get_one_group_of_their_own_and_user_groups_are_untouched(tmp_pat
     assert (user["lr"], user["momentum"], user["weight_decay"]) == (0.05, 0.9, 1e-4)
     alphas = [m.alpha for m in model.modules() if isinstance(m, PACTActivation)]
     assert [id(p) for p in alpha["params"]] == [id(p) for p in alphas]
-    assert (alpha["lr"], alpha["weight_decay"], alpha["name"]) == (0.02, 2e-4, GROUP_NAME)
+    assert (alpha["lr"], alpha["weight_decay"], alpha["name"]) == (0.02, 0.0, GROUP_NAME)
     assert alpha["momentum"] == 0.9  # other hyper-parameters come from the optimizer's defaults
     for a in alphas:
-        assert not torch.allclose(a, torch.full_like(a, 3.0)), "alpha never moved: it is not being trained"
+        assert not torch.allclose(a, torch.full_like(a, 0.5)), "alpha never moved: it is not being trained"
 
 
 def test_user_reference_to_weight_stays_valid(tmp_path):
@@ -143,7 +143,8 @@ def test_user_reference_to_weight_stays_valid(tmp_path):
     assert not torch.equal(w.detach(), before)  # the optimizer trained the user's own Parameter
     assert keys <= set(model.state_dict())
     steps = {f"fc{i}.weight_quantizer.step" for i in (1, 2, 3)}
-    assert set(model.state_dict()) - keys == {"relu1.alpha", "relu2.alpha", RECIPE_KEY, *steps}
+    quantizer_keys = {"relu1.alpha", "relu2.alpha", "relu1.calibrated", "relu2.calibrated", *steps}
+    assert set(model.state_dict()) - keys == {RECIPE_KEY, *quantizer_keys}
 
 
 SCHEDULERS = ["step", "cosine", "lambda", "onecycle", "cyclic", "plateau"]
@@ -209,13 +210,13 @@ def test_manual_optimization_and_two_optimizers(tmp_path):
     model = TwoOptimizers()
     before = _alphas(model) if _alphas(model) else None
     assert before is None  # not injected before fit
-    trainer = _trainer(tmp_path, [PACTCallback(first_last="quantize", alpha_init=2.0)])
+    trainer = _trainer(tmp_path, [PACTCallback(first_last="quantize", alpha_init=0.5)])
     trainer.fit(model)
     body_opt, head_opt = trainer.optimizers
     assert [g.get("name") for g in body_opt.param_groups] == [None, GROUP_NAME, WEIGHT_GROUP_NAME]
     assert len(head_opt.param_groups) == 1
     for alpha in _alphas(model).values():
-        assert not torch.equal(alpha, torch.full_like(alpha, 2.0))
+        assert not torch.equal(alpha, torch.full_like(alpha, 0.5))
 
 
 def test_alphas_spread_over_two_optimizers_is_an_error(tmp_path):

@@ -299,7 +299,8 @@ def test_swapped_layers_keep_parameter_objects_and_state_dict_keys() -> None:
     keys_after = set(model.state_dict())
     assert keys_before <= keys_after
     added = keys_after - keys_before
-    assert added == {"block.relu.alpha", RECIPE_KEY}  # the recipe travels in the state dict, as a uint8 tensor
+    # The recipe travels in the state dict, as a uint8 tensor.
+    assert added == {"block.relu.alpha", "block.relu.calibrated", RECIPE_KEY}
     assert model.state_dict()[RECIPE_KEY].dtype == torch.uint8
     assert decode_recipe(model.state_dict()[RECIPE_KEY])["config"]["act_bits"] == 4
     # The layer objects themselves are kept: their class changes in place.

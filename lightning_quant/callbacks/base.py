@@ -34,6 +34,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_quant.calibration import get_clip_estimator
+from lightning_quant.calibrator import ActivationCalibrator, check_calibration_batches
 from lightning_quant.callbacks.interplay import check_other_callbacks
 from lightning_quant.config import QuantConfig, recipe_difference
 from lightning_quant.functional import fused
@@ -108,6 +110,12 @@ class QuantizationCallback(Callback):
             first use) or ``False`` (plain torch ops only). Values are the same either way
             (:mod:`lightning_quant.functional.fused`, :mod:`lightning_quant.functional.native`); the setting is
             process-wide.
+        calibration: How activation clips still to be calibrated start: ``"mse"`` (default: the clip minimising
+            the quantization MSE of what the site sees, at its bit width, as LSQ+ and ACIQ do), ``"percentile"``
+            (99.99th percentile) or ``"max"``.
+        calibration_batches: On how many of the first training batches each site's clip is estimated (the mean
+            of the per-batch estimates, written before each of those forwards quantizes; under DDP averaged across
+            ranks). A resumed run or a reloaded model never calibrates again.
 
     Raises:
         ValueError: If an argument is out of range.
@@ -131,8 +139,15 @@ class QuantizationCallback(Callback):
         schedules: dict[str, Schedule] | None = None,
         schedule_by: str = "step",
         compile_quantizers: bool | str = "auto",
+        calibration: str = "mse",
+        calibration_batches: int = 1,
     ) -> None:
         super().__init__()
+        get_clip_estimator(calibration)  # validates the name
+        check_calibration_batches(calibration_batches)
+        self.calibration = calibration
+        self.calibration_batches = calibration_batches
+        self._calibrator: ActivationCalibrator | None = None
         try:
             self.compile_quantizers = fused.parse_mode(compile_quantizers)
         except ValueError:
@@ -291,6 +306,9 @@ class QuantizationCallback(Callback):
             for group in self.quantizer_groups(pl_module):
                 if group.params:
                     self._groups.append(self._add_group(trainer, group))
+        self._remove_calibrator()
+        calibrator = ActivationCalibrator(pl_module, self.calibration, self.calibration_batches)
+        self._calibrator = None if calibrator.done else calibrator
         self._applied = {}
         if trainer.ckpt_path is None:
             # A fresh run starts at the start values. A resumed one is left alone: its loop counters are still 0 at
@@ -331,10 +349,21 @@ class QuantizationCallback(Callback):
             if constant is not None:
                 set_group_lr(trainer.optimizers[opt_index], group_index, constant)
 
+    def _remove_calibrator(self) -> None:
+        if self._calibrator is not None:
+            self._calibrator.remove()
+            self._calibrator = None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_calibrator()
+
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._calibrator is not None and self._calibrator.done:
+            self._remove_calibrator()
         if self.log_every_n_steps and trainer.global_step % self.log_every_n_steps == 0:
             self._log(trainer, pl_module, on_step=True)
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
@@ -24,9 +21,9 @@ class DSQCallback(QuantizationCallback):
 
     Every ``nn.ReLU``/``nn.ReLU6`` becomes a :class:`DSQActivation` (range ``[l, u]`` per call site, learned) and every
     Linear/Conv weight goes through a :class:`DSQWeight` (range per layer, learned, starting at the weight's
-    ``[min, max]``). Activation ranges start from the first batch each site sees (``[0, max]`` after the ReLU,
-    non-finite values ignored; under DDP the min and max are reduced across ranks so every rank starts alike; ``l``
-    stays 0 unless ``learn_activation_lower=True``).
+    ``[min, max]``). Activation ranges start from the first batch each site sees (``[0, u]`` with ``u`` the
+    ``calibration`` estimate at the site's bit width, non-finite values ignored; under DDP averaged across ranks so
+    every rank starts alike; ``l`` stays 0 unless ``learn_activation_lower=True``).
     The temperature (the paper's characteristic variable alpha in (0, 1); small = close to the hard step) is a
     number, a schedule over the run, or learned per layer (``learn_temperature=True``, the paper's mode).
 
@@ -55,6 +52,9 @@ class DSQCallback(QuantizationCallback):
         schedule_by: ``"step"`` (default: the schedule moves with every optimizer step over the whole run, however
             it is bounded) or ``"epoch"`` (one value per epoch); see :class:`QuantizationCallback`.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        calibration: How each activation range's upper bound starts: ``"mse"`` (default, the MSE-optimal clip at
+            the site's bit width), ``"percentile"`` or ``"max"``; see :class:`QuantizationCallback`.
+        calibration_batches: Training batches the estimate is averaged over (default 1).
 
     Raises:
         ValueError: If an argument is out of range (temperature or a schedule value outside (0, 1), bits not an int
@@ -79,6 +79,8 @@ class DSQCallback(QuantizationCallback):
         verbose: bool = True,
         schedule_by: str = "step",
         compile_quantizers: bool | str = "auto",
+        calibration: str = "mse",
+        calibration_batches: int = 1,
     ) -> None:
         schedule = as_schedule(temperature, "temperature")
         schedule.check_range("temperature", 0.0, 1.0)
@@ -106,8 +108,9 @@ class DSQCallback(QuantizationCallback):
             schedule_by=schedule_by,
             schedules={} if learn_temperature else {"temperature": schedule},
             compile_quantizers=compile_quantizers,
+            calibration=calibration,
+            calibration_batches=calibration_batches,
         )
-        self._hooks: list[Any] = []
 
     @override
     def apply_schedule_values(self, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
@@ -137,47 +140,3 @@ class DSQCallback(QuantizationCallback):
                 if module.learn_temperature:
                     values[f"temperature/{layer}.weight"] = module.get_temperature().detach().reshape(())
         return values
-
-    # ------------------------------------------------------------------ first-batch calibration
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        for module in pl_module.modules():
-            if isinstance(module, DSQActivation) and not bool(module.calibrated.all()):
-                self._hooks.append(module.register_forward_pre_hook(_calibrate_on_first_call))
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._hooks and all(bool(m.calibrated.all()) for m in pl_module.modules() if isinstance(m, DSQActivation)):
-            self._remove_hooks()
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-
-
-@torch.no_grad()
-def _calibrate_on_first_call(module: DSQActivation, args: tuple) -> None:
-    """Forward pre-hook: set an uncalibrated site's range from the batch it is about to quantize.
-
-    Every DDP rank runs the same forwards in the same order, so the collective calls line up; reducing the min and
-    max gives every rank the range of the union of their batches.
-    """
-    site = module.upcoming_site()
-    if bool(module.calibrated[site]):
-        return
-    stats = module.range_statistics(args[0])
-    if dist.is_available() and dist.is_initialized():
-        lower, upper = stats[0:1].clone(), stats[1:2].clone()
-        dist.all_reduce(lower, op=dist.ReduceOp.MIN)
-        dist.all_reduce(upper, op=dist.ReduceOp.MAX)
-        stats = torch.cat([lower, upper])
-    module.set_range(site, stats[0], stats[1])

@@ -47,12 +47,16 @@ class PACTCallback(QuantizationCallback):
         weight_quantizer_lr: Learning rate of the LSQ steps' own group (``lightning_quant.weights``, no weight
             decay). None (default): the lr of the weights they scale, following the user's schedule exactly, as
             in LSQ.
-        alpha_init: Initial clip of every activation. Default 10, the paper's value, paired with the L2 penalty
-            ``alpha_weight_decay`` that pulls it down to the range the data needs. ReLU6 sites start at 6.
+        alpha_init: None (default): each call site's clip starts from the data it sees on the first training
+            batch(es) (``calibration``), which is what a trained model needs: a fixed large clip puts every low-bit
+            level above its activations. A number: every clip starts there and is not calibrated; the paper's
+            choice is 10 with ``alpha_weight_decay=2e-4`` pulling it down, the other common one a small start with
+            no decay. ReLU6 sites start at ``min(alpha_init, 6)``.
         alpha_lr: Learning rate of the alpha group, the highest it sees under the user's LR scheduler (see
             ``lr_schedule``). Larger than the usual fine-tuning lr on purpose: with a small one alpha barely moves from
             its start and PACT is inert.
-        alpha_weight_decay: Weight decay (the paper's L2 regularisation of alpha; 2e-4 in its CIFAR runs).
+        alpha_weight_decay: Weight decay of the alpha group (the paper's L2 regularisation of alpha, 2e-4 in its CIFAR
+            runs with ``alpha_init=10``). Default 0: a calibrated clip needs no pull.
         skip: A module name or glob pattern (``"features.0"``, ``"*.downsample.*"``), or a list of them, left float
             with what is under them; None skips nothing. A pattern that matches nothing is an error listing the
             modules that exist.
@@ -71,6 +75,9 @@ class PACTCallback(QuantizationCallback):
             quantized activation per step, so it is off by default.
         verbose: Print the quantization plan at fit start.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        calibration: ``"mse"`` (default: the clip minimising the quantization error at ``act_bits``), ``"percentile"``
+            or ``"max"``; see :class:`QuantizationCallback`.
+        calibration_batches: Training batches each clip's estimate is averaged over (default 1).
 
     Raises:
         ValueError: If an argument is out of range (bits not an int in 1..16, ``alpha_init`` or ``alpha_lr`` not
@@ -87,9 +94,9 @@ class PACTCallback(QuantizationCallback):
         weight_quantizer: str = "lsq",
         per_channel: bool = False,
         weight_quantizer_lr: float | None = None,
-        alpha_init: float = 10.0,
+        alpha_init: float | None = None,
         alpha_lr: float = 0.01,
-        alpha_weight_decay: float = 2e-4,
+        alpha_weight_decay: float = 0.0,
         skip: str | Sequence[str] | None = (),
         first_last: str = "float",
         lr_schedule: str = "follow",
@@ -97,6 +104,8 @@ class PACTCallback(QuantizationCallback):
         plot: bool = False,
         verbose: bool = True,
         compile_quantizers: bool | str = "auto",
+        calibration: str = "mse",
+        calibration_batches: int = 1,
     ) -> None:
         config = PACTConfig(
             act_bits=act_bits,
@@ -118,6 +127,8 @@ class PACTCallback(QuantizationCallback):
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
             compile_quantizers=compile_quantizers,
+            calibration=calibration,
+            calibration_batches=calibration_batches,
         )
         self.plot = plot
         self._max_seen: dict[str, Tensor] = {}

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_quant.functional import fused, native
-from lightning_quant.quantizers.base import check_bits
+from lightning_quant.functional.checks import check_bits
 
 __all__ = [
     "ALPHA_EPS",

@@ -265,6 +265,17 @@ class DSQActivation(_TemperatureMixin, ActivationQuantizer):
         self.upper[site] = up
         self.calibrated[site] = True
 
+    @torch.no_grad()
+    def set_clip(self, site: int, value: Tensor | float) -> None:
+        """Set the upper bound of one site from a calibrated clip (``[lower, clip]``, at most 6 after a ReLU6).
+
+        Raises:
+            ValueError: If ``site`` is out of range.
+        """
+        upper = torch.as_tensor(value, dtype=self.upper.dtype, device=self.upper.device)
+        upper = torch.maximum(upper, self.lower[site] + MIN_CALIBRATED_WIDTH)
+        self.set_range(site, self.lower[site], upper.clamp(max=6.0) if self.relu6 else upper)
+
     def _check_site(self, site: object) -> None:
         if isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < self.num_sites:
             raise ValueError(f"`site` must be an int in 0..{self.num_sites - 1}, got {site!r}.")
