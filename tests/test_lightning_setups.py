@@ -310,3 +310,33 @@ def test_injection_never_switches_on_what_a_quantizer_keeps_fixed(toy_net):
     inject_quantizers(toy_net, DSQConfig(first_last="quantize"))
     site = toy_net.backbone[1]
     assert site.upper.requires_grad and not site.lower.requires_grad  # DSQ's activation l stays at 0 by default
+
+
+# ------------------------------------------------------------------------------------------------- BatchNorm
+def test_freeze_bn_stats_keeps_running_statistics_from_that_point_on(tmp_path):
+    from torch import nn
+
+    class WithBN(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16))
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            bn = pl_module.backbone[1]
+            seen.append((trainer.global_step, bn.training, bn.running_mean.clone()))
+
+    torch.manual_seed(0)
+    model = WithBN()
+    cb = PACTCallback(first_last="quantize", freeze_bn_stats=0.5, verbose=False)
+    make_trainer(tmp_path, [cb, Record()], max_steps=11, max_epochs=-1).fit(model)
+    for step, training, _ in seen:
+        assert training == (step < 5), step  # progress step / 10 reaches 0.5 at step 5
+    means = [m for _, _, m in seen]
+    assert not torch.equal(means[4], means[5])  # step 4 (train mode) still updated the statistics
+    for later in means[6:]:
+        assert torch.equal(later, means[5])  # from step 5 on they are frozen
+    with pytest.raises(ValueError, match=r"`freeze_bn_stats` must be None or a fraction .* got 1.5"):
+        PACTCallback(freeze_bn_stats=1.5)

@@ -116,6 +116,11 @@ class QuantizationCallback(Callback):
         calibration_batches: On how many of the first training batches each site's clip is estimated (the mean
             of the per-batch estimates, written before each of those forwards quantizes; under DDP averaged across
             ranks). A resumed run or a reloaded model never calibrates again.
+        freeze_bn_stats: None (default): BatchNorm trains as the user set it up. A fraction ``f`` of the run (in
+            the ``schedule_by`` unit): from there on every BatchNorm layer runs in eval mode during training, so it
+            normalises with its running statistics and stops updating them (torch.ao's ``freeze_bn_stats``): the
+            last part of training sees the statistics the deployed model (BatchNorm folded into the weights) uses.
+            Its affine weight and bias still train.
 
     Raises:
         ValueError: If an argument is out of range.
@@ -141,8 +146,19 @@ class QuantizationCallback(Callback):
         compile_quantizers: bool | str = "auto",
         calibration: str = "mse",
         calibration_batches: int = 1,
+        freeze_bn_stats: float | None = None,
     ) -> None:
         super().__init__()
+        if freeze_bn_stats is not None and (
+            isinstance(freeze_bn_stats, bool)
+            or not isinstance(freeze_bn_stats, (int, float))
+            or not 0.0 <= freeze_bn_stats <= 1.0
+        ):
+            raise ValueError(
+                "`freeze_bn_stats` must be None or a fraction of the run in [0, 1] (where BatchNorm stops updating"
+                f" its running statistics and normalises with them), got {freeze_bn_stats!r}."
+            )
+        self.freeze_bn_stats = None if freeze_bn_stats is None else float(freeze_bn_stats)
         get_clip_estimator(calibration)  # validates the name
         check_calibration_batches(calibration_batches)
         self.calibration = calibration
@@ -243,7 +259,14 @@ class QuantizationCallback(Callback):
 
     def _check_run_length(self, trainer: pl.Trainer) -> None:
         moving = self._moving_schedules()
-        self._run_length = self._measure_run_length(trainer) if self.schedules else None
+        needs_length = bool(self.schedules) or self.freeze_bn_stats is not None
+        self._run_length = self._measure_run_length(trainer) if needs_length else None
+        if self.freeze_bn_stats is not None and self._run_length is None:
+            raise ValueError(
+                f"{type(self).__name__}: `freeze_bn_stats={self.freeze_bn_stats}` is a fraction of the run, and this"
+                f" run has no known length (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, max_time"
+                " set). Set `max_steps` or `max_epochs` on the Trainer."
+            )
         if moving and self._run_length is None:
             raise ValueError(
                 f"{type(self).__name__}: the schedule of {moving} needs the run's length, and this run has none"
@@ -345,6 +368,10 @@ class QuantizationCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._apply_schedules(trainer, pl_module)
+        if self.freeze_bn_stats is not None and self.training_progress(trainer) >= self.freeze_bn_stats:
+            for module in pl_module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                    module.eval()  # Lightning puts the model back in train mode after each validation: re-applied
         for opt_index, group_index, constant in self._groups:
             if constant is not None:
                 set_group_lr(trainer.optimizers[opt_index], group_index, constant)

@@ -52,6 +52,8 @@ class DSQCallback(QuantizationCallback):
         schedule_by: ``"step"`` (default: the schedule moves with every optimizer step over the whole run, however
             it is bounded) or ``"epoch"`` (one value per epoch); see :class:`QuantizationCallback`.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
+            updating) its running statistics; see :class:`QuantizationCallback`.
         calibration: How each activation range's upper bound starts: ``"mse"`` (default, the MSE-optimal clip at
             the site's bit width), ``"percentile"`` or ``"max"``; see :class:`QuantizationCallback`.
         calibration_batches: Training batches the estimate is averaged over (default 1).
@@ -79,6 +81,7 @@ class DSQCallback(QuantizationCallback):
         verbose: bool = True,
         schedule_by: str = "step",
         compile_quantizers: bool | str = "auto",
+        freeze_bn_stats: float | None = None,
         calibration: str = "mse",
         calibration_batches: int = 1,
     ) -> None:
@@ -108,6 +111,7 @@ class DSQCallback(QuantizationCallback):
             schedule_by=schedule_by,
             schedules={} if learn_temperature else {"temperature": schedule},
             compile_quantizers=compile_quantizers,
+            freeze_bn_stats=freeze_bn_stats,
             calibration=calibration,
             calibration_batches=calibration_batches,
         )

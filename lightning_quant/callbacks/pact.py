@@ -75,6 +75,8 @@ class PACTCallback(QuantizationCallback):
             quantized activation per step, so it is off by default.
         verbose: Print the quantization plan at fit start.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
+            updating) its running statistics; see :class:`QuantizationCallback`.
         calibration: ``"mse"`` (default: the clip minimising the quantization error at ``act_bits``), ``"percentile"``
             or ``"max"``; see :class:`QuantizationCallback`.
         calibration_batches: Training batches each clip's estimate is averaged over (default 1).
@@ -104,6 +106,7 @@ class PACTCallback(QuantizationCallback):
         plot: bool = False,
         verbose: bool = True,
         compile_quantizers: bool | str = "auto",
+        freeze_bn_stats: float | None = None,
         calibration: str = "mse",
         calibration_batches: int = 1,
     ) -> None:
@@ -127,6 +130,7 @@ class PACTCallback(QuantizationCallback):
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
             compile_quantizers=compile_quantizers,
+            freeze_bn_stats=freeze_bn_stats,
             calibration=calibration,
             calibration_batches=calibration_batches,
         )

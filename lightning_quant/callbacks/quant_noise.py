@@ -43,6 +43,8 @@ class QuantNoiseCallback(QuantizationCallback):
         schedule_by: ``"step"`` (default: the schedule moves with every optimizer step over the whole run, however
             it is bounded) or ``"epoch"`` (one value per epoch); see :class:`QuantizationCallback`.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
+            updating) its running statistics; see :class:`QuantizationCallback`.
 
     Raises:
         ValueError: If an argument is out of range; at ``setup``, if ``block_size`` does not divide a layer's input
@@ -65,6 +67,7 @@ class QuantNoiseCallback(QuantizationCallback):
         verbose: bool = True,
         schedule_by: str = "step",
         compile_quantizers: bool | str = "auto",
+        freeze_bn_stats: float | None = None,
     ) -> None:
         config = QuantNoiseConfig(
             weight_bits=bits,
@@ -84,6 +87,7 @@ class QuantNoiseCallback(QuantizationCallback):
             schedule_by=schedule_by,
             schedules={"p": rate},
             compile_quantizers=compile_quantizers,
+            freeze_bn_stats=freeze_bn_stats,
         )
 
     @override
