@@ -58,13 +58,15 @@ class ActivationCalibrator:
 
     def __init__(self, model: nn.Module, estimator: str = "mse", num_batches: int = 1, training_only: bool = True):
         self.estimate = get_clip_estimator(estimator)
+        self.estimator = estimator
         self.num_batches = check_calibration_batches(num_batches)
         self.training_only = training_only
         self._sums: dict[tuple[int, int], tuple[Tensor, int]] = {}
         self._pending: set[tuple[int, int]] = set()
         self._handles: list[RemovableHandle] = []
         for module in model.modules():
-            if not isinstance(module, ActivationQuantizer) or not hasattr(module, "set_clip"):
+            calibrates = hasattr(module, "set_clip") or hasattr(module, "set_calibration")
+            if not isinstance(module, ActivationQuantizer) or not calibrates:
                 continue
             sites = {(id(module), s) for s in range(module.num_sites) if not bool(module.calibrated[s])}
             sites = {(i, s) for i, s in sites if module.bits_at(s) is not None}  # float sites have no clip
@@ -92,16 +94,26 @@ class ActivationCalibrator:
         if key not in self._pending:
             return
         x = args[0].detach()
-        if getattr(module, "relu6", False):
-            x = x.clamp(max=6.0)  # a ReLU6 site never passes more than 6 (below 0 the unsigned grid clamps anyway)
-        estimate = self.estimate(x, module.bits_at(site), False).to(device=x.device, dtype=torch.float64)
-        estimate = _mean_across_ranks(estimate.reshape(1))[0]
-        total, count = self._sums.get(key, (torch.zeros((), dtype=torch.float64, device=x.device), 0))
+        estimate = self._estimate(module, x, site).to(device=x.device, dtype=torch.float64)
+        estimate = _mean_across_ranks(estimate)
+        total, count = self._sums.get(key, (torch.zeros_like(estimate), 0))
         total, count = total + estimate, count + 1
         self._sums[key] = (total, count)
-        module.set_clip(site, total / count)
+        if hasattr(module, "set_calibration"):
+            module.set_calibration(site, total / count)
+        else:
+            module.set_clip(site, (total / count)[0])
         if count >= self.num_batches:
             module.calibrated[site] = True
             self._pending.discard(key)
             if self.done:
                 self.remove()
+
+    def _estimate(self, module: ActivationQuantizer, x: Tensor, site: int) -> Tensor:
+        """A 1-D tensor: the clip of an unsigned site, or whatever the module's own ``calibration_estimate`` gives
+        (``[lo, hi]`` for a signed input range)."""
+        if hasattr(module, "calibration_estimate"):
+            return module.calibration_estimate(x, site, self.estimator).reshape(-1)
+        if getattr(module, "relu6", False):
+            x = x.clamp(max=6.0)  # a ReLU6 site never passes more than 6 (below 0 the unsigned grid clamps anyway)
+        return self.estimate(x, module.bits_at(site), False).reshape(1)

@@ -14,8 +14,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from lightning_quant.layers import output_channel_axis
 from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer, check_bits, check_positive
 from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
+from lightning_quant.quantizers.inputs import DSQInput, LSQPlusInput
 from lightning_quant.quantizers.lsq import LSQWeight
 from lightning_quant.quantizers.pact import DoReFaWeight, PACTActivation
 from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
@@ -55,6 +57,9 @@ class QuantConfig:
         weight_bits: Bit width of quantized weights, or None to leave weights float.
         first_last: ``"float"``, ``"8bit"`` or ``"quantize"``; see :data:`FIRST_LAST_POLICIES`.
         skip: Module names or glob patterns (``fnmatch``) left alone, with everything under them.
+        quantize_inputs: Put the input of every quantized weight layer on an ``act_bits`` grid where no quantized
+            activation already does (GELU/SiLU/Hardswish outputs, residual sums, pooling, LayerNorm), with the
+            recipe's input quantizer (:meth:`make_input`). False: only the activation modules are quantized.
     """
 
     method: ClassVar[str] = ""
@@ -62,8 +67,11 @@ class QuantConfig:
     weight_bits: int | None = 4
     first_last: str = "float"
     skip: tuple[str, ...] = field(default_factory=tuple)
+    quantize_inputs: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.quantize_inputs, bool):
+            raise ValueError(f"`quantize_inputs` must be a bool, got {self.quantize_inputs!r}.")
         check_bits(self.act_bits, "act_bits", allow_none=True)
         check_bits(self.weight_bits, "weight_bits", allow_none=True)
         if self.first_last not in FIRST_LAST_POLICIES:
@@ -78,6 +86,10 @@ class QuantConfig:
 
     def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
         raise NotImplementedError
+
+    def make_input(self, bits: int) -> ActivationQuantizer | None:
+        """The quantizer for a weight layer's input that is not on a grid yet; None: the recipe has none."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -138,10 +150,13 @@ class PACTConfig(QuantConfig):
         alpha = min(self.alpha_init, 6.0) if relu6 else self.alpha_init
         return PACTActivation(bits, num_sites=num_sites, alpha_init=alpha, relu6=relu6)
 
+    def make_input(self, bits: int) -> ActivationQuantizer | None:
+        return LSQPlusInput(bits)
+
     def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
         if self.weight_quantizer == "dorefa":
             return DoReFaWeight(bits)
-        quantizer = LSQWeight(bits, per_channel=self.per_channel)
+        quantizer = LSQWeight(bits, per_channel=self.per_channel, channel_axis=output_channel_axis(layer))
         if self.per_channel and layer.weight.dim() < 2:
             raise ValueError(
                 f"`per_channel=True` needs an output-channel axis, but {name}'s weight has shape"
@@ -189,6 +204,9 @@ class DSQConfig(QuantConfig):
             relu6=isinstance(original, nn.ReLU6),
             learn_lower=self.learn_activation_lower,
         )
+
+    def make_input(self, bits: int) -> ActivationQuantizer | None:
+        return DSQInput(bits, temperature=float(self.temperature))
 
     def make_weight(self, layer: nn.Module, name: str, bits: int) -> WeightQuantizer:
         quantizer = DSQWeight(bits, temperature=float(self.temperature), learn_temperature=self.learn_temperature)

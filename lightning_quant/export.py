@@ -61,6 +61,8 @@ from torch import Tensor, nn
 from lightning_quant.layers import QUANTIZED_LAYERS
 from lightning_quant.quantizers.base import ActivationQuantizer, WeightQuantizer
 from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
+from lightning_quant.quantizers.inputs import MIN_STEP as INPUT_MIN_STEP
+from lightning_quant.quantizers.inputs import DSQInput, LSQPlusInput
 from lightning_quant.quantizers.lsq import LSQWeight
 from lightning_quant.quantizers.pact import MIN_ALPHA, DoReFaWeight, PACTActivation
 from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
@@ -220,9 +222,25 @@ def _lsq_grid(module: LSQWeight, weight: Tensor) -> Grid:
 
 
 #: Activation quantizer type -> ``rule(module, site, bits) -> Grid``. Exact types: a subclass may compute otherwise.
+def _lsq_plus_input_grid(module: LSQPlusInput, site: int, bits: int) -> Grid:
+    # functional/lsq.py: round(clamp((x - beta) / s, 0, L)) * s + beta, s = (upper - lower) / L floored at MIN_STEP.
+    step = module.step(bits).detach().float().reshape(()).clamp_min(INPUT_MIN_STEP)
+    beta = float(module.lower.detach().float().reshape(()))
+    levels = 2**bits - 1
+    top = float(torch.tensor(beta, dtype=torch.float32) + step * levels)
+    return Grid(step.numpy(), 0, 0, levels, offset=None if beta == 0.0 else beta, clip=(beta, top))
+
+
+def _dsq_input_grid(module: DSQInput, site: int, bits: int) -> Grid:
+    lo, up, delta, n = _dsq_range(module.lower[0], module.upper[0], bits)
+    return replace(_dsq_grid(lo, up, delta, n), clip=(lo, up))
+
+
 ACTIVATION_RULES: dict[type[nn.Module], Callable[[Any, int, int], Grid]] = {
     PACTActivation: _pact_grid,
     DSQActivation: _dsq_activation_grid,
+    LSQPlusInput: _lsq_plus_input_grid,
+    DSQInput: _dsq_input_grid,
 }
 #: Weight quantizer type -> ``rule(module, float weight) -> Grid`` (None: float at eval). The codes are recovered
 #: from the module's eval output and checked against the grid, so a new entry (LSQ: ``Grid(q.scale(), 0, q.qmin,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lightning_quant.config import QuantConfig, recipe_difference
-from lightning_quant.layers import QUANTIZED_LAYERS, QUANTIZED_TWINS, swap_layer
+from lightning_quant.layers import QUANTIZED_LAYERS, is_hf_conv1d, swap_layer, twin_class
 from lightning_quant.quantizers.base import ActivationQuantizer, ResetCallSites
 
 #: Name of the buffer holding an injected model's recipe, and so its key in the model's ``state_dict``.
@@ -63,6 +63,9 @@ class PlanEntry:
     quantizer: str = ""
     reason: str = ""
     site_bits: list[int | None] | None = None
+    #: Weight layers: bits of the input as it reaches the layer (None: float), and what puts it on that grid.
+    input_bits: int | None = None
+    input_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -102,22 +105,25 @@ class QuantizationPlan:
 
     def structure(self) -> list[tuple]:
         """What decides the model's parameter layout and numerics (used to check a checkpoint against a model)."""
-        return [(e.name, e.kind, e.bits, e.sites, e.site_bits) for e in self.entries]
+        return [(e.name, e.kind, e.bits, e.sites, e.site_bits, e.input_bits, e.input_note) for e in self.entries]
 
     def format(self, title: str = "lightning_quant plan") -> str:
         """A table: one row per place, in registration order, saying what it is quantized to and why."""
-        rows = [("module", "what", "bits", "quantizer", "note")]
+        rows = [("module", "what", "bits", "quantizer", "input", "note")]
         for e in self.entries:
             what = "weight" if e.kind == "weight" else f"output ({e.sites} site{'s' if e.sites > 1 else ''})"
-            rows.append((e.name, what, e.bits_text(), e.quantizer, e.reason))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            given = "" if e.kind != "weight" else ("float" if e.input_bits is None else str(e.input_bits))
+            if e.kind == "weight" and e.input_note:
+                given = f"{given} ({e.input_note})"
+            rows.append((e.name, what, e.bits_text(), e.quantizer, given, e.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
         lines = [title] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         how = (
             "found by a dry run on example_input_array"
             if self.order == "execution"
             else "by module registration order (set `example_input_array` on the model for execution order)"
         )
-        lines.append(f"  (first/last layers {how}; the model's own input and functional activations stay float)")
+        lines.append(f"  (first/last layers {how}; functional activations stay float)")
         return "\n".join(lines)
 
 
@@ -289,6 +295,15 @@ def _caller_trainable(name: str, trainable: dict[str, bool | None]) -> bool:
     return True if flag is None else flag
 
 
+def _is_weight_target(module: nn.Module, config: QuantConfig) -> bool:
+    """A weight layer the recipe covers: an instance of its weight types (subclasses included), or transformers'
+    ``Conv1D`` where it covers ``nn.Linear``; not a layer already quantized nor one whose forward is never called."""
+    if twin_class(module) is None:
+        return False
+    types = tuple(config.weight_types)
+    return isinstance(module, types) or (is_hf_conv1d(module) and nn.Linear in types)
+
+
 def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or name == pattern
 
@@ -382,7 +397,9 @@ def _edges_by_execution(events: list[_Event]) -> tuple[str | None, str | None, d
         if event.kind != "activation":
             continue
         role = ""
-        if feeds_last_from < i < last_at:
+        if i > last_at:
+            role = "after the last layer"
+        elif feeds_last_from < i < last_at:
             role = "feeds the last layer"
         elif i < first:
             role = "before the first layer"
@@ -390,6 +407,132 @@ def _edges_by_execution(events: list[_Event]) -> tuple[str | None, str | None, d
     # A site that also feeds a middle layer somewhere (a loop, a shared block) is quantized.
     edges = {key: "" if "" in found else sorted(found)[0] for key, found in roles.items()}
     return events[first].name, last_name, edges
+
+
+#: Modules whose output stays on their input's grid (they select, reshape or pass values through).
+_GRID_PRESERVING = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
+
+
+def _grid_fed_layers(model: nn.Module, example_input: Any) -> dict[str, bool]:
+    """Dry run (eval, ``no_grad``): for each quantized layer called, whether every call's input came straight out of a
+    quantized activation site (or out of a grid-preserving module fed by one) -- or is not floating (indices).
+
+    Tensors are tracked by storage (a ``Flatten`` is a view of its input) and kept alive for the run, so a freed
+    tensor's memory can not pass for a quantized one.
+    """
+    on_grid: list[torch.Tensor] = []
+    pointers: set[int] = set()
+    fed: dict[str, bool] = {}
+
+    def mark(t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            on_grid.append(t)
+            pointers.add(t.untyped_storage().data_ptr())
+
+    def is_on_grid(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and (not t.is_floating_point() or t.untyped_storage().data_ptr() in pointers)
+
+    def after_site(module: ActivationQuantizer, args: tuple, output: Any) -> None:
+        site = 0 if module.num_sites == 1 else (module._next_site - 1) % module.num_sites
+        if module.bits_at(site) is not None:
+            mark(output)
+
+    def after_preserving(module: nn.Module, args: tuple, output: Any) -> None:
+        if args and is_on_grid(args[0]):
+            mark(output)
+
+    handles = []
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ActivationQuantizer):
+            handles.append(module.register_forward_hook(after_site))
+        elif isinstance(module, _GRID_PRESERVING):
+            handles.append(module.register_forward_hook(after_preserving))
+        elif isinstance(module, QUANTIZED_LAYERS):
+            names[id(module)] = name
+
+            def before_layer(module: nn.Module, args: tuple) -> None:
+                name = names[id(module)]
+                fed[name] = fed.get(name, True) and bool(args) and is_on_grid(args[0])
+
+            handles.append(module.register_forward_pre_hook(before_layer))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return fed
+
+
+def _place_input_quantizers(
+    model: nn.Module,
+    config: QuantConfig,
+    plan: QuantizationPlan,
+    example_input: Any,
+    edge_bits: dict[str, tuple[int | None, str]],
+) -> None:
+    """Give every quantized layer whose input is not on a grid yet an ``input_quantizer`` (the recipe's kind).
+
+    ``edge_bits`` maps a layer name to its input's bits under the first/last policy (None: stays float).
+    """
+    modules = dict(model.named_modules())
+    layers = [e for e in plan.entries if e.kind == "weight" and e.bits is not None and e.name in modules]
+    fed: dict[str, bool] | None = None
+    if example_input is not None:
+        try:
+            fed = _grid_fed_layers(model, example_input)
+        except Exception as err:  # never stop training for the dry run: quantize every input instead, and say so
+            plan.warnings.append(
+                f"{type(model).__name__}: the input dry run failed ({err!r}); every layer input is quantized."
+            )
+    if fed is None:
+        plan.warnings.append(
+            f"{type(model).__name__}: without `example_input_array` every quantized layer's input gets its own"
+            " quantizer, even where a quantized activation already feeds it; set `example_input_array` to avoid"
+            " the second rounding."
+        )
+    for entry in layers:
+        layer = modules[entry.name]
+        bits, reason = edge_bits.get(entry.name, (config.act_bits, ""))
+        if isinstance(layer, nn.Embedding):
+            continue  # its input is indices
+        if bits is None:
+            entry.input_bits, entry.input_note = None, reason or "act_bits=None"
+            continue
+        if fed is not None and entry.name not in fed:
+            entry.input_note = "not called by the dry run"
+            plan.warnings.append(
+                f"{entry.name}: its weight is quantized but the dry run never called its forward (a parent passes its"
+                " weight to a function directly?), so its input stays float."
+            )
+            continue
+        if fed is not None and fed[entry.name]:
+            entry.input_bits, entry.input_note = bits, "a quantized activation"
+            continue
+        quantizer = config.make_input(bits).train(layer.training)
+        if not layer.weight.requires_grad:
+            quantizer.requires_grad_(False)
+        layer.input_quantizer = quantizer
+        entry.input_bits, entry.input_note = bits, type(quantizer).__name__
 
 
 def inject_quantizers(
@@ -430,7 +573,7 @@ def inject_quantizers(
     functional = find_functional_activations(model)
     slots = _slots(model)
     trainable = _trainability(model)  # read before the swap adds quantizers (trainable by default)
-    weight_slots = [s for s in slots if type(s[3]) in config.weight_types and type(s[3]) in QUANTIZED_TWINS]
+    weight_slots = [s for s in slots if _is_weight_target(s[3], config)]
     weight_names = [s[0] for s in weight_slots]
     activation_slots = [
         (name, 1 if isinstance(parent, _CONTAINERS) else (count_call_sites(parent, attr) or 1))
@@ -444,7 +587,7 @@ def inject_quantizers(
     edges_of: dict[tuple[str, int], str] = {}
     first_weight = weight_names[0] if weight_names else None
     last_weight = weight_names[-1] if weight_names else None
-    if example_input is not None and config.first_last != "quantize":
+    if example_input is not None:
         found = None
         try:
             found = _edges_by_execution(_execution_order(model, activation_slots, weight_names, example_input))
@@ -471,6 +614,8 @@ def inject_quantizers(
                 edges_of[(name, site)] = edge
 
     def policy_bits(bits: int | None, edge: str) -> tuple[int | None, str]:
+        if bits is not None and edge == "after the last layer":  # nothing after the last weight layer is quantized
+            return None, edge
         if bits is None or not edge or config.first_last == "quantize":
             return bits, ""
         if config.first_last == "8bit":
@@ -522,7 +667,7 @@ def inject_quantizers(
         elif id(child) in twins:  # a layer shared by two slots stays one layer, quantized once
             first = twins[id(child)]
             plan.entries.append(PlanEntry(name, "weight", first.bits, 1, first.quantizer, first.reason))
-        elif type(child) in config.weight_types and type(child) in QUANTIZED_TWINS:
+        elif _is_weight_target(child, config):
             if _skipped(name, config.skip):
                 plan.entries.append(PlanEntry(name, "weight", None, reason="skip"))
                 continue
@@ -542,6 +687,13 @@ def inject_quantizers(
 
     for parent, attrs in reset_hooks.values():
         parent.register_forward_pre_hook(ResetCallSites(attrs))
+    if config.act_bits is not None and config.quantize_inputs and config.make_input(config.act_bits) is not None:
+        edge_bits = {
+            name: policy_bits(config.act_bits, edge)
+            for name, edge in ((first_weight, "first layer"), (last_weight, "last layer"))
+            if name is not None
+        }
+        _place_input_quantizers(model, config, plan, example_input, edge_bits)
     _disable_fused_paths(model, plan)
 
     plan.warnings.extend(

@@ -85,7 +85,14 @@ def test_activation_ranges_calibrate_from_the_first_batch_and_train_in_their_gro
 
     torch.manual_seed(0)
     model = Net()
-    cb = DSQCallback(act_bits=2, weight_bits=2, first_last="quantize", quantizer_lr=0.05, calibration=calibration)
+    cb = DSQCallback(
+        act_bits=2,
+        weight_bits=2,
+        first_last="quantize",
+        quantizer_lr=0.05,
+        calibration=calibration,
+        quantize_inputs=False,
+    )
     inject_quantizers(model, cb.config)  # the callback's own injection is then a no-op
     x0 = _data()[:16][0]
     with torch.no_grad():

@@ -14,6 +14,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from lightning_quant import DSQConfig, PACTConfig, QuantNoiseConfig, export_onnx, inject_quantizers  # noqa: E402
+from lightning_quant.calibrator import ActivationCalibrator  # noqa: E402
 from lightning_quant.export import onnxruntime_session, quantized_tensors  # noqa: E402
 from lightning_quant.functional import fused  # noqa: E402
 from lightning_quant.quantizers import DoReFaWeight  # noqa: E402
@@ -141,8 +142,10 @@ def _trained(model_name: str, method: str, bits: int, seed: int = 0) -> tuple[nn
     cls, shape = MODELS[model_name]
     model = cls()
     inject_quantizers(model, CONFIGS[method](bits), warn=False, example_input=torch.randn(2, *shape))
-    if method == "dsq":  # the callback calibrates the activation ranges on the first batch; do the same here
-        _calibrate_dsq(model, torch.randn(16, *shape))
+    # The callbacks calibrate every uncalibrated range on the first batch; do the same here.
+    ActivationCalibrator(model, training_only=False)
+    with torch.no_grad():
+        model(torch.randn(16, *shape))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(4):
         loss = F.cross_entropy(model(torch.randn(16, *shape)), torch.randint(0, 10, (16,)))
@@ -150,23 +153,6 @@ def _trained(model_name: str, method: str, bits: int, seed: int = 0) -> tuple[nn
         loss.backward()
         optimizer.step()
     return model.eval(), shape
-
-
-def _calibrate_dsq(model: nn.Module, x: torch.Tensor) -> None:
-    handles = []
-    for _, module in activation_quantizers(model):
-
-        def hook(mod: nn.Module, args: tuple, mod_ref: nn.Module = module) -> None:
-            mod_ref.calibrate(args[0], mod_ref.upcoming_site())
-
-        handles.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
-
-
-# -------------------------------------------------------------------------------------------------- helpers
 
 
 def _torch_activations(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, dict[tuple[str, int], list]]:

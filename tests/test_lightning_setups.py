@@ -216,9 +216,10 @@ def test_backbone_frozen_by_the_user_keeps_frozen_clips(tmp_path):
     model = ToyNet(freeze_backbone=True)
     snapshot = {}
 
-    class Snapshot(L.Callback):
-        def on_fit_start(self, trainer, pl_module):
-            snapshot["backbone"] = copy.deepcopy(pl_module.backbone)
+    class Snapshot(L.Callback):  # after the first batch, which calibrated every range (frozen ones too)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:
+                snapshot["backbone"] = copy.deepcopy(pl_module.backbone)
 
     cb = PACTCallback(alpha_init=0.25, first_last="quantize", verbose=False)
     make_trainer(tmp_path, [cb, Snapshot()]).fit(model)

@@ -152,7 +152,7 @@ def test_resnet_block_relu_has_two_sites() -> None:
     torch.manual_seed(0)
     assert count_call_sites(BasicBlock(), "relu") == 2
     model = TinyResNet()
-    plan = inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=4, first_last="quantize"))
+    plan = inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=4, first_last="quantize", quantize_inputs=False))
     e = entry(plan, "block.relu")
     assert e.kind == "activation" and e.sites == 2 and e.bits == 4
     assert isinstance(model.block.relu, PACTActivation)
@@ -212,7 +212,7 @@ def test_shared_relu_in_sequential_gets_one_quantizer_per_slot() -> None:
     torch.manual_seed(0)
     relu = nn.ReLU()
     model = nn.Sequential(nn.Linear(4, 4), relu, nn.Linear(4, 4), relu, nn.Linear(4, 4), relu, nn.Linear(4, 2))
-    plan = inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=4, first_last="quantize"))
+    plan = inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=4, first_last="quantize", quantize_inputs=False))
     quantizers = [model[1], model[3], model[5]]
     assert all(isinstance(q, PACTActivation) for q in quantizers)
     assert len({id(q) for q in quantizers}) == 3
@@ -290,7 +290,10 @@ def test_swapped_layers_keep_parameter_objects_and_state_dict_keys() -> None:
     layers_before = dict(model.named_modules())
     keys_before = set(model.state_dict())
     values_before = {k: v.clone() for k, v in model.state_dict().items()}
-    inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=4, first_last="quantize", weight_quantizer="dorefa"))
+    inject_quantizers(
+        model,
+        PACTConfig(act_bits=4, weight_bits=4, first_last="quantize", weight_quantizer="dorefa", quantize_inputs=False),
+    )
     params_after = dict(model.named_parameters())
     for name, p in params_before.items():
         assert params_after[name] is p, name
@@ -315,7 +318,10 @@ def test_swapped_layers_keep_parameter_objects_and_state_dict_keys() -> None:
 def test_swapped_layer_forward_uses_the_quantized_weight() -> None:
     torch.manual_seed(0)
     model = mlp()
-    inject_quantizers(model, PACTConfig(act_bits=4, weight_bits=2, first_last="quantize", weight_quantizer="dorefa"))
+    config = PACTConfig(
+        act_bits=4, weight_bits=2, first_last="quantize", weight_quantizer="dorefa", quantize_inputs=False
+    )
+    inject_quantizers(model, config)
     layer = model[2]
     x = torch.randn(5, 8)
     expected = F.linear(x, DoReFaWeight(2)(layer.weight), layer.bias)

@@ -11,6 +11,7 @@ from typing_extensions import override
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.config import DSQConfig
 from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
+from lightning_quant.quantizers.inputs import DSQInput
 from lightning_quant.schedules import ConstantSchedule, Schedule, as_schedule
 
 
@@ -52,6 +53,10 @@ class DSQCallback(QuantizationCallback):
         schedule_by: ``"step"`` (default: the schedule moves with every optimizer step over the whole run, however
             it is bounded) or ``"epoch"`` (one value per epoch); see :class:`QuantizationCallback`.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        quantize_inputs: Put every quantized layer's input on an ``act_bits`` grid where no quantized activation
+            already does (GELU/SiLU/Hardswish outputs, residual sums, pooling, LayerNorm, the model's input under
+            ``first_last="quantize"`` or ``"8bit"``), with a learned two-sided range calibrated like the clips
+            (default True). False: only the ReLU/ReLU6 modules' outputs are quantized.
         freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
             updating) its running statistics; see :class:`QuantizationCallback`.
         calibration: How each activation range's upper bound starts: ``"mse"`` (default, the MSE-optimal clip at
@@ -84,6 +89,7 @@ class DSQCallback(QuantizationCallback):
         freeze_bn_stats: float | None = None,
         calibration: str = "mse",
         calibration_batches: int = 1,
+        quantize_inputs: bool = True,
     ) -> None:
         schedule = as_schedule(temperature, "temperature")
         schedule.check_range("temperature", 0.0, 1.0)
@@ -93,6 +99,7 @@ class DSQCallback(QuantizationCallback):
                 f" {temperature!r}."
             )
         config = DSQConfig(
+            quantize_inputs=quantize_inputs,
             act_bits=act_bits,
             weight_bits=weight_bits,
             temperature=schedule.endpoints()[0],
@@ -121,7 +128,7 @@ class DSQCallback(QuantizationCallback):
         if "temperature" not in values:
             return
         for module in pl_module.modules():
-            if isinstance(module, (DSQActivation, DSQWeight)):
+            if isinstance(module, (DSQActivation, DSQWeight, DSQInput)):
                 module.set_temperature(values["temperature"])
 
     @override

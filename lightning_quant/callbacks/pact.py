@@ -75,6 +75,10 @@ class PACTCallback(QuantizationCallback):
             quantized activation per step, so it is off by default.
         verbose: Print the quantization plan at fit start.
         compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        quantize_inputs: Put every quantized layer's input on an ``act_bits`` grid where no quantized activation
+            already does (GELU/SiLU/Hardswish outputs, residual sums, pooling, LayerNorm, the model's input under
+            ``first_last="quantize"`` or ``"8bit"``), with a learned two-sided range calibrated like the clips
+            (default True). False: only the ReLU/ReLU6 modules' outputs are quantized.
         freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
             updating) its running statistics; see :class:`QuantizationCallback`.
         calibration: ``"mse"`` (default: the clip minimising the quantization error at ``act_bits``), ``"percentile"``
@@ -109,8 +113,10 @@ class PACTCallback(QuantizationCallback):
         freeze_bn_stats: float | None = None,
         calibration: str = "mse",
         calibration_batches: int = 1,
+        quantize_inputs: bool = True,
     ) -> None:
         config = PACTConfig(
+            quantize_inputs=quantize_inputs,
             act_bits=act_bits,
             weight_bits=weight_bits,
             alpha_init=alpha_init,

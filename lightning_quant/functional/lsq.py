@@ -148,3 +148,48 @@ def lsq_quantize(
     elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
         raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
     return _LSQFunction.apply(w, step, qn, qp, float(grad_scale), float(min_step))
+
+
+def lsq_plus_quantize(
+    x: Tensor, scale: Tensor, offset: Tensor, bits: int, grad_scale: float | None = None, min_step: float = 0.0
+) -> Tensor:
+    """LSQ+ (Bhalgat et al. 2020): an unsigned grid with a learned step ``s`` and a learned offset ``beta``.
+
+    Forward, with ``v = (x - beta) / s`` and ``L = 2**bits - 1``::
+
+        y = round(clamp(v, 0, L)) * s + beta
+
+    Backward (LSQ's, on the shifted input; the offset's follows from ``y = f(x - beta) + beta``)::
+
+        dy/dx    = 1 if 0 < v < L else 0
+        dy/ds    = round(v) - v inside, 0 if v <= 0, L if v >= L          (times ``grad_scale``)
+        dy/dbeta = 0 inside, 1 outside
+
+    Used for the input of a weight layer whose input is signed or not on a grid yet (GELU, SiLU, Hardswish outputs,
+    residual sums, pooling, LayerNorm, embeddings). Levels are ``code * s + beta`` (an ONNX DequantizeLinear with
+    zero point 0 followed by an Add of ``beta``).
+
+    Args:
+        x: The input, any shape and floating dtype.
+        scale: The step ``s``, shape ``(1,)``.
+        offset: The offset ``beta`` (the lowest level), shape ``(1,)``.
+        bits: Bit width, 1..16.
+        grad_scale: Factor on the step's gradient; None: ``1 / sqrt(x.numel() * L)`` (LSQ's ``g``).
+        min_step: Floor of the step in the forward (straight-through).
+
+    Returns:
+        The fake-quantized input, same shape and dtype as ``x``.
+
+    Raises:
+        ValueError: If ``bits`` is not an int in 1..16 or ``grad_scale`` is not a finite positive number.
+    """
+    from lightning_quant.functional.checks import check_bits
+
+    check_bits(bits, "bits")
+    levels = 2**bits - 1
+    if grad_scale is None:
+        grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * levels)
+    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
+        raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
+    shifted = _LSQFunction.apply(x - offset.to(x.dtype), scale, 0, levels, float(grad_scale), float(min_step))
+    return shifted + offset.to(shifted.dtype)
