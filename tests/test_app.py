@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -359,6 +360,31 @@ def test_init_from_and_export_compose() -> None:
     # Lightning's checkpoint names hold '=': quoted, the override keeps the whole path.
     cfg = _compose('init_from="outputs/fp32/csv/version_0/checkpoints/epoch=7-step=144.ckpt"', "export.onnx=true")
     assert cfg.init_from.endswith("epoch=7-step=144.ckpt") and cfg.export.onnx is True
+
+
+@pytest.mark.slow
+def test_finetune_demo(tmp_path: Path) -> None:
+    _needs("PACTCallback")
+    # examples/finetune_demo.py with its defaults: FP32, then PACT W4A4 from its checkpoint, then ONNX in onnxruntime.
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "finetune_demo.py"), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    acc = {}
+    for name, label in (("fp32", "FP32"), ("w4a4", "W4A4"), ("onnx", "ONNX W4A4")):
+        found = re.findall(rf"^{label} test acc (\d\.\d{{4}})\b", proc.stdout, flags=re.M)
+        assert len(found) == 1, (label, proc.stdout[-2000:])
+        acc[name] = float(found[0])
+    # Sane numbers after the short run (the accuracy targets live in benchmarks/): far above chance (0.1), the
+    # fine-tuned W4A4 model near its FP32 start, and onnxruntime agreeing with torch on the quantized model.
+    assert 0.8 <= acc["fp32"] <= 1.0, acc
+    assert acc["w4a4"] >= acc["fp32"] - 0.10, acc
+    assert abs(acc["onnx"] - acc["w4a4"]) <= 0.01, acc
+    assert (tmp_path / "model.onnx").is_file() and list((tmp_path / "fp32" / "checkpoints").glob("*.ckpt"))
 
 
 @pytest.mark.slow
