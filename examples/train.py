@@ -100,13 +100,16 @@ def resolve_init_checkpoint(init_from: str) -> Path:
     path = Path(to_absolute_path(str(init_from)))
     if path.is_dir():
         results = path / "results.json"
-        checkpoint = json.loads(results.read_text()).get("checkpoint") if results.is_file() else None
-        if not checkpoint:
+        recorded = json.loads(results.read_text()) if results.is_file() else {}
+        if not recorded.get("checkpoint"):
             raise FileNotFoundError(
                 f"init_from={init_from!r}: the folder {str(path)!r} holds no results.json naming a checkpoint. Give a"
                 " .ckpt file, or the output folder of an app run with trainer.enable_checkpointing=true."
             )
-        path = Path(checkpoint)
+        checkpoint, run_dir = Path(recorded["checkpoint"]), Path(recorded.get("output_dir") or path)
+        # A run folder that was moved or copied: its checkpoint lies at the same place inside it.
+        moved = path / checkpoint.relative_to(run_dir) if checkpoint.is_relative_to(run_dir) else checkpoint
+        path = checkpoint if checkpoint.is_file() or not moved.is_file() else moved
     if not path.is_file():
         raise FileNotFoundError(
             f"init_from={init_from!r}: no checkpoint at {str(path)!r}. Give the .ckpt of an FP32 run (the"

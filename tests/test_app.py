@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,15 +44,21 @@ def _needs(name: str) -> None:
         pytest.skip(f"lightning_quant.{name} is not available yet")
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment of the scripts run as subprocesses: this checkout's ``lightning_quant`` first (``python
+    examples/x.py`` puts ``examples/``, not the working directory, on ``sys.path``, so an editable install of another
+    checkout would win), then ``tests/`` for the probe callback (``app_probe.py``)."""
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
 def run_app(*overrides: str, timeout: float = 240, fails: bool = False) -> subprocess.CompletedProcess:
     """Run the app from the repository root, as a user would; fail with its output if it fails (or, with ``fails``,
-    if it succeeds). ``tests/`` is on its ``PYTHONPATH`` for the probe callback (``app_probe.py``)."""
-    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    if it succeeds)."""
     proc = subprocess.run(
         [sys.executable, str(APP), *overrides],
         cwd=ROOT,
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -352,6 +359,14 @@ def test_init_from_refuses_wrong_checkpoints(fp32_run, pact_run, tmp_path: Path)
     # The checkpoint file itself works as well as its run folder.
     checkpoint = read_results(fp32_run[0])["checkpoint"]
     assert str(app.load_float_weights(cnn(), checkpoint)) == checkpoint
+    # A moved run folder: its results.json names the old place; the checkpoint is found at the same place inside.
+    moved = tmp_path / "moved"
+    inside = Path(checkpoint).relative_to(fp32_run[0])
+    (moved / inside).parent.mkdir(parents=True)
+    shutil.copy(checkpoint, moved / inside)
+    stale = {"checkpoint": str(tmp_path / "gone" / inside), "output_dir": str(tmp_path / "gone")}
+    (moved / "results.json").write_text(json.dumps(stale))
+    assert app.load_float_weights(cnn(), str(moved)) == moved / inside
 
 
 def test_init_from_and_export_compose() -> None:
@@ -369,6 +384,7 @@ def test_finetune_demo(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "finetune_demo.py"), "--out", str(tmp_path)],
         cwd=ROOT,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=400,
