@@ -6,7 +6,7 @@
 3. Export the quantized model with ``lightning_quant.export_onnx`` (QDQ ONNX) and run it in onnxruntime.
 
 Prints one line per model (``FP32 test acc``, ``W4A4 test acc``, ``ONNX W4A4 test acc``) and writes everything to
-``outputs/finetune_demo`` (or the folder given with ``--out``). About 30 s on 2 free CPU cores::
+``outputs/finetune_demo`` (or the folder given with ``--out``). Under a minute on 2 CPU cores::
 
     python examples/finetune_demo.py
     python examples/finetune_demo.py --fp32-epochs 8 --qat-epochs 3     # longer runs, higher accuracy
