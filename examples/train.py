@@ -8,22 +8,38 @@ Examples:
     python examples/train.py -m quant=none,pact,dsq,quant_noise quant.act_bits=2,4
     python examples/train.py -m trainer=ddp_spawn quant=none,pact   # sweeps over DDP: ddp_spawn, not ddp
 
+    # The standard flow: train FP32, then fine-tune that model with PACT W4A4 at a small lr and export it to ONNX.
+    python examples/train.py quant=none hydra.run.dir=outputs/fp32
+    python examples/train.py quant=pact init_from=outputs/fp32 model.lr=2e-4 export.onnx=true
+
 Each run prints ``RESULT quant=... act_bits=... weight_bits=... test_acc=...`` and writes ``results.json`` into its
 output directory; a sweep ends with a table of all jobs (``lightning_quant.demos.hydra_summary``).
+
+``init_from=<ckpt or run dir>`` loads the weights of a Lightning checkpoint of an FP32 run of the same model config
+(a run's folder stands for the checkpoint its ``results.json`` names) into the freshly built model before ``fit``
+(strict; a checkpoint with quantizer state is refused): the quant callback then fine-tunes that model. It is not a
+resume: epochs, optimizer and lr start afresh (``model.lr`` sets the fine-tuning lr). ``export.onnx=true`` writes
+``model.onnx`` beside ``results.json`` from the run's checkpoint (QDQ ONNX by ``lightning_quant.export_onnx``; with
+``quant=none`` a plain float ONNX model) and prints ``EXPORT onnx=<path>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+
+from lightning_quant import export_onnx, load_from_checkpoint
+from lightning_quant.surgery import RECIPE_KEY
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -63,6 +79,121 @@ def _instantiate_callbacks(nodes: Any) -> list[L.Callback]:
     return [instantiate(node) for node in items if node is not None]
 
 
+# State-dict key endings that only quantized models hold (PACT clips, DSQ ranges and temperatures, calibration flags,
+# weight quantizers' parameters), besides the recipe itself.
+_QUANTIZER_KEY_ENDINGS = (".alpha", ".lower", ".upper", ".temperature", ".calibrated")
+
+
+def _is_quantizer_key(key: str) -> bool:
+    return key.split(".")[-1] == RECIPE_KEY or "_quantizer." in key or key.endswith(_QUANTIZER_KEY_ENDINGS)
+
+
+def resolve_init_checkpoint(init_from: str) -> Path:
+    """The checkpoint file ``init_from`` names: a ``.ckpt`` file, or a run folder whose ``results.json`` names one.
+
+    Args:
+        init_from: A path, relative to the directory the app was launched from (Hydra does not change it).
+
+    Raises:
+        FileNotFoundError: If the path does not exist, or is a folder without a ``results.json`` naming a checkpoint.
+    """
+    path = Path(to_absolute_path(str(init_from)))
+    if path.is_dir():
+        results = path / "results.json"
+        recorded = json.loads(results.read_text()) if results.is_file() else {}
+        if not recorded.get("checkpoint"):
+            raise FileNotFoundError(
+                f"init_from={init_from!r}: the folder {str(path)!r} holds no results.json naming a checkpoint. Give a"
+                " .ckpt file, or the output folder of an app run with trainer.enable_checkpointing=true."
+            )
+        checkpoint, run_dir = Path(recorded["checkpoint"]), Path(recorded.get("output_dir") or path)
+        # A run folder that was moved or copied: its checkpoint lies at the same place inside it.
+        moved = path / checkpoint.relative_to(run_dir) if checkpoint.is_relative_to(run_dir) else checkpoint
+        path = checkpoint if checkpoint.is_file() or not moved.is_file() else moved
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"init_from={init_from!r}: no checkpoint at {str(path)!r}. Give the .ckpt of an FP32 run (the"
+            " 'checkpoint' entry of its results.json) or that run's output folder."
+        )
+    return path
+
+
+def load_float_weights(model: torch.nn.Module, init_from: str) -> Path:
+    """Load the FP32 weights of a Lightning checkpoint into a freshly built, not yet quantized ``model`` (strict).
+
+    Args:
+        model: The model built from ``cfg.model``; the quant callback injects its quantizers later, in ``setup``.
+        init_from: The ``init_from`` option (see :func:`resolve_init_checkpoint`).
+
+    Returns:
+        The checkpoint's absolute path.
+
+    Raises:
+        FileNotFoundError: If there is no such checkpoint.
+        ValueError: If the file is not a Lightning checkpoint, holds quantizer state (a QAT run's checkpoint), or
+            does not fit the model (another model class or config); the message names the path.
+    """
+    path = resolve_init_checkpoint(init_from)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from: {str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry).")
+    own = set(model.state_dict())
+    quantizer_keys = [k for k in state if k not in own and _is_quantizer_key(k)]
+    if quantizer_keys:
+        raise ValueError(
+            f"init_from: {str(path)!r} holds quantizer state ({', '.join(quantizer_keys[:4])}, ...): it is the"
+            " checkpoint of a quantization-aware run, and init_from starts QAT from an FP32 model. Give the"
+            " checkpoint of a quant=none run; to evaluate or export a quantized checkpoint use"
+            " lightning_quant.load_from_checkpoint."
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"init_from: {str(path)!r} does not fit {type(model).__name__} as configured (model.*): was it written by"
+            f" another model or config? The checkpoint's hyper-parameters: {checkpoint.get('hyper_parameters')}.\n"
+            f"{err}"
+        ) from err
+    return path
+
+
+def write_onnx(model_cls: type[L.LightningModule], ckpt_path: str, quantized: bool, path: Path) -> Path:
+    """Write the run's trained model, rebuilt from its checkpoint, as ONNX.
+
+    A quantized model is written by :func:`lightning_quant.export_onnx` (QDQ: integer weights, Q/DQ activations); a
+    float one (``quant=none``) by ``torch.onnx.export``, so that sweeps such as ``-m quant=none,pact export.onnx=true``
+    give the float baseline beside each quantized model.
+
+    Args:
+        model_cls: The trained LightningModule class (rebuilt from the checkpoint's hyper-parameters).
+        ckpt_path: The run's checkpoint.
+        quantized: Whether the run had a quant callback (the checkpoint then holds its recipe).
+        path: The ``.onnx`` file to write.
+
+    Returns:
+        ``path``.
+    """
+    if quantized:
+        model = load_from_checkpoint(model_cls, ckpt_path)
+        export_onnx(model, model.example_input_array, path)
+        return path
+    model = model_cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (model.example_input_array,),
+            str(path),
+            dynamo=False,
+            opset_version=20,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    return path
+
+
 def train(cfg: DictConfig) -> float:
     """Fit and test one configuration; write ``results.json`` into the run's output dir.
 
@@ -74,8 +205,14 @@ def train(cfg: DictConfig) -> float:
     """
     L.seed_everything(cfg.seed, workers=True)
 
+    export_onnx_file = bool(OmegaConf.select(cfg, "export.onnx", default=False))
+    if export_onnx_file and not cfg.trainer.enable_checkpointing:
+        raise ValueError("export.onnx=true exports the run's checkpoint: keep trainer.enable_checkpointing=true.")
+
     datamodule = instantiate(cfg.data.datamodule)
     model = instantiate(cfg.model)
+    init_from = OmegaConf.select(cfg, "init_from", default=None)
+    init_path = load_float_weights(model, init_from) if init_from else None
 
     callbacks: list[L.Callback] = []
     quant_callback = instantiate(cfg.quant.callback) if cfg.quant.get("callback") is not None else None
@@ -129,16 +266,23 @@ def train(cfg: DictConfig) -> float:
             "overrides": list(hydra_cfg.overrides.task),
             "output_dir": str(output_dir),
             "checkpoint": ckpt_path or None,
+            "init_from": None if init_path is None else str(init_path),
+            "onnx": None,
             "quant_config": OmegaConf.to_container(cfg.quant, resolve=True),
             "callback": _describe_callback(quant_callback),
         }
         output_dir.mkdir(parents=True, exist_ok=True)
+        if export_onnx_file:
+            onnx_path = write_onnx(type(model), ckpt_path, quant_callback is not None, output_dir / "model.onnx")
+            results["onnx"] = str(onnx_path)
         with open(output_dir / "results.json", "w") as f:
             json.dump(results, f, indent=2)
         print(
             f"RESULT quant={cfg.quant.name} act_bits={act_bits} weight_bits={weight_bits} test_acc={test_acc:.4f}",
             flush=True,
         )
+        if results["onnx"]:
+            print(f"EXPORT onnx={results['onnx']}", flush=True)
     return test_acc
 
 
