@@ -9,6 +9,7 @@ from lightning_quant.callbacks import DSQCallback, PACTCallback, QuantizationCal
 from lightning_quant.checkpoint import inject_from_checkpoint, load_from_checkpoint
 from lightning_quant.config import DSQConfig, PACTConfig, QuantConfig, QuantNoiseConfig
 from lightning_quant.export import export_onnx
+from lightning_quant.ptq import post_training_quantize
 from lightning_quant.surgery import QuantizationPlan, inject_quantizers
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "inject_from_checkpoint",
     "inject_quantizers",
     "load_from_checkpoint",
+    "post_training_quantize",
     "schedules",
 ]
 __version__ = "0.1.0"
