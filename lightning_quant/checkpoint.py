@@ -68,8 +68,9 @@ def inject_from_checkpoint(model: M, checkpoint: dict[str, Any]) -> M:
     """
     entry = checkpoint_recipe(checkpoint)
     config = config_from_dict(entry["config"])
-    plan = inject_quantizers(model, config, warn=False, example_input=getattr(model, "example_input_array", None))
     saved = QuantizationPlan.from_dict(entry["plan"])
+    example = getattr(model, "example_input_array", None)
+    plan = inject_quantizers(model, config, warn=False, example_input=example, saved_plan=saved)
     if plan.structure() != saved.structure():
         raise ValueError(
             f"{type(model).__name__} as built now gives another quantization plan than the one in the checkpoint"

@@ -489,13 +489,29 @@ def _place_input_quantizers(
     plan: QuantizationPlan,
     example_input: Any,
     edge_bits: dict[str, tuple[int | None, str]],
+    saved: dict[str, tuple[int | None, str]] | None = None,
 ) -> None:
     """Give every quantized layer whose input is not on a grid yet an ``input_quantizer`` (the recipe's kind).
 
-    ``edge_bits`` maps a layer name to its input's bits under the first/last policy (None: stays float).
+    ``edge_bits`` maps a layer name to its input's bits under the first/last policy (None: stays float). ``saved``
+    (a checkpoint's plan: name -> (input bits, note)) replays earlier decisions instead of a new dry run, so a model
+    rebuilt without its example input gets the same structure.
     """
     modules = dict(model.named_modules())
     layers = [e for e in plan.entries if e.kind == "weight" and e.bits is not None and e.name in modules]
+    if saved is not None:
+        for entry in layers:
+            entry.input_bits, entry.input_note = saved.get(entry.name, (None, ""))
+            if (
+                entry.input_bits is not None
+                and entry.input_note == config.make_input(entry.input_bits).__class__.__name__
+            ):
+                layer = modules[entry.name]
+                quantizer = config.make_input(entry.input_bits).train(layer.training)
+                if not layer.weight.requires_grad:
+                    quantizer.requires_grad_(False)
+                layer.input_quantizer = quantizer
+        return
     fed: dict[str, bool] | None = None
     if example_input is not None:
         try:
@@ -536,7 +552,11 @@ def _place_input_quantizers(
 
 
 def inject_quantizers(
-    model: nn.Module, config: QuantConfig, warn: bool = True, example_input: Any = None
+    model: nn.Module,
+    config: QuantConfig,
+    warn: bool = True,
+    example_input: Any = None,
+    saved_plan: QuantizationPlan | None = None,
 ) -> QuantizationPlan:
     """Swap quantizers into ``model`` in place, as ``config`` says; calling it again is a no-op.
 
@@ -550,6 +570,8 @@ def inject_quantizers(
         example_input: An input for one dry forward pass (a LightningModule's ``example_input_array``; a tuple is
             unpacked, a dict passed as keywords). With it, "first layer", "last layer" and "feeds the last layer"
             follow execution order, per call site; without it, module registration order, per module.
+        saved_plan: A checkpoint's plan: which layers got input quantizers is replayed from it rather than found by a
+            new dry run (:func:`lightning_quant.load_from_checkpoint` passes it).
 
     Returns:
         The plan: every place considered, with its bits, call sites and the reason when it stays float.
@@ -693,7 +715,8 @@ def inject_quantizers(
             for name, edge in ((first_weight, "first layer"), (last_weight, "last layer"))
             if name is not None
         }
-        _place_input_quantizers(model, config, plan, example_input, edge_bits)
+        saved = None if saved_plan is None else {e.name: (e.input_bits, e.input_note) for e in saved_plan.entries}
+        _place_input_quantizers(model, config, plan, example_input, edge_bits, saved)
     _disable_fused_paths(model, plan)
 
     plan.warnings.extend(
