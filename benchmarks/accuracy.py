@@ -62,10 +62,17 @@ PROTOCOLS = {
 }
 BASE_EPOCHS, BASE_LR = 8, 1e-3  # the FP32 model the fine-tune protocol starts from
 
-# Which layers each kind of row quantizes (DemoCNN: conv1-relu1, conv2-relu2, conv3-relu3, pool, fc1-relu4, fc2).
-MIDDLE = "W: conv2, conv3, fc1; A: relu1-3 (the inputs of conv2, conv3, fc1)"
-EVERY = "W: conv1, conv2, conv3, fc1, fc2; A: relu1-4 (the input of every layer but conv1)"
-WEIGHTS_ONLY = "W: conv1, conv2, conv3, fc1, fc2; A: float"
+# Which layers each kind of row quantizes (DemoCNN: conv1-relu1, conv2-relu2, conv3-relu3, pool, fc1-relu4, fc2),
+# as the table's "layers" column and the legend under it.
+MIDDLE, EVERY, WEIGHTS_ONLY = "middle", "every", "all weights"
+LAYERS = {
+    "none": "nothing quantized.",
+    MIDDLE: "weights of conv2, conv3, fc1 and the outputs of relu1-3 (the inputs of conv2, conv3, fc1); conv1, fc2"
+    " and relu4 (the input of fc2) float: PACT's and DSQ's default, and the places the torch.ao and Brevitas rows"
+    " quantize.",
+    EVERY: "weights of conv1, conv2, conv3, fc1, fc2 and the outputs of relu1-4 (`first_last=\"quantize\"`).",
+    WEIGHTS_ONLY: "weights of conv1, conv2, conv3, fc1, fc2; activations float (QuantNoise's default).",
+}
 
 
 @dataclass
@@ -280,8 +287,10 @@ def merge(protocol: str, out: Path) -> None:
         " initial weights and batch order in every row. Mean over seeds, min-max, the gap to FP32's mean, each seed's"
         " value, and the mean seconds per run (2-core CPU shared with other jobs, so the times are rough).",
         "",
-        "Layers: W = weights quantized, A = activation outputs quantized. DemoCNN is conv1-bn-relu1, conv2-bn-relu2,"
-        " conv3-bn-relu3, pool, fc1-bn-relu4, fc2; the model's input is never quantized.",
+        "Layers (DemoCNN is conv1-bn-relu1, conv2-bn-relu2, conv3-bn-relu3, pool, fc1-bn-relu4, fc2; its input is"
+        " never quantized):",
+        "",
+        *(f"- {name}: {text}" for name, text in LAYERS.items()),
     ]
     threads = sorted({r["threads"] for r in records})
     if threads != [1]:
