@@ -52,3 +52,47 @@ def torch_ao_qat(model: nn.Module, bits: int) -> None:
         getattr(model, name).activation_post_process = nn.Identity()
     for name in ("relu1", "relu2", "relu3"):
         setattr(model, name, nn.Sequential(nn.ReLU(), activation()))
+
+
+def brevitas_qat(model: nn.Module, bits: int) -> None:
+    """Brevitas QAT on the places PACT quantizes in ``DemoCNN``: middle-layer weights and the ReLUs feeding them.
+
+    ``conv2``, ``conv3`` and ``fc1`` become Brevitas ``QuantConv2d``/``QuantLinear`` with ``weight_bit_width=bits``
+    and ``relu1``-``relu3`` become ``QuantReLU(bit_width=bits)``; the float layers' weights are copied over, so a
+    trained model is fine-tuned from where it is. Brevitas' default quantizers are kept:
+
+    * weights: ``Int8WeightPerTensorFloat`` at ``bits`` bits: signed, narrow range (``-(2**(bits-1) - 1)`` to
+      ``2**(bits-1) - 1``; ternary at 2 bits), one scale per tensor recomputed every step from the weight's
+      largest magnitude (not learned);
+    * activations: ``Uint8ActPerTensorFloat`` at ``bits`` bits: unsigned, one scale per tensor that is the running
+      mean of the 99.999th percentile over the first 300 training steps and a learned parameter after them.
+
+    Needs ``pip install brevitas`` (the ``bench`` extra).
+
+    Args:
+        model: A ``DemoCNN``; edited in place.
+        bits: Bit width of the weights and of the activations.
+    """
+    from brevitas.nn import QuantConv2d, QuantLinear, QuantReLU
+
+    for name in ("conv2", "conv3"):
+        old = getattr(model, name)
+        new = QuantConv2d(
+            old.in_channels,
+            old.out_channels,
+            old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            dilation=old.dilation,
+            groups=old.groups,
+            bias=old.bias is not None,
+            weight_bit_width=bits,
+        )
+        new.load_state_dict(old.state_dict())
+        setattr(model, name, new)
+    old = model.fc1
+    new = QuantLinear(old.in_features, old.out_features, bias=old.bias is not None, weight_bit_width=bits)
+    new.load_state_dict(old.state_dict())
+    model.fc1 = new
+    for name in ("relu1", "relu2", "relu3"):
+        setattr(model, name, QuantReLU(bit_width=bits))
