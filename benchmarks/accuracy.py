@@ -320,8 +320,9 @@ def merge(protocol: str, out: Path) -> None:
             seconds = statistics.mean(v["seconds"] for v in found.values())
             label = by_key[key].label if key in by_key else next(iter(found.values()))["label"]
             layers = by_key[key].layers if key in by_key else "?"
+            n = "" if len(accs) == len(seeds) else f" (n={len(accs)})"
             lines.append(
-                f"| {label} | {layers} | {mean:.2f} | {min(accs):.1f}-{max(accs):.1f} | {gap} | {per_seed} |"
+                f"| {label} | {layers} | {mean:.2f}{n} | {min(accs):.1f}-{max(accs):.1f} | {gap} | {per_seed} |"
                 f" {seconds:.0f} |"
             )
     if protocol == "finetune":
