@@ -81,8 +81,11 @@ class PACTCallback(QuantizationCallback):
             (default True). False: only the ReLU/ReLU6 modules' outputs are quantized.
         freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
             updating) its running statistics; see :class:`QuantizationCallback`.
-        calibration: ``"mse"`` (default: the clip minimising the quantization error at ``act_bits``), ``"percentile"``
-            or ``"max"``; see :class:`QuantizationCallback`.
+        calibration: ``"percentile"`` (default: the 99.99th percentile of what the site sees), ``"mse"`` (the clip
+            minimising the quantization error at ``act_bits``) or ``"max"``; see :class:`QuantizationCallback`.
+            Measured (README "Accuracy", fine-tuning on MNIST-5k): at 2 bits the MSE-optimal clip cuts most large
+            activations and the run is unstable (W2A2 89.85 against 95.68 with the percentile, 4 seeds); at 4 bits
+            both hold FP32's accuracy.
         calibration_batches: Training batches each clip's estimate is averaged over (default 1).
 
     Raises:
@@ -111,7 +114,7 @@ class PACTCallback(QuantizationCallback):
         verbose: bool = True,
         compile_quantizers: bool | str = "auto",
         freeze_bn_stats: float | None = None,
-        calibration: str = "mse",
+        calibration: str = "percentile",
         calibration_batches: int = 1,
         quantize_inputs: bool = True,
     ) -> None:

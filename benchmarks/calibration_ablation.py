@@ -1,0 +1,59 @@
+"""PACT/DSQ at low bits, fine-tuned from the saved FP32 models, with one calibration setting changed per row.
+
+Not a test: the rows behind the README's "What was tried for the 2-bit miss" table. Each run is the fine-tune
+protocol of ``benchmarks/accuracy.py`` (same FP32 weights per seed, 4 epochs at Adam lr 2e-4) with the callback shown.
+Prints one JSON line per (row, seed).
+
+Usage::
+
+    python benchmarks/calibration_ablation.py --rows pact_w2a2_mse pact_w2a2_percentile --seeds 0 1 2 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from accuracy import fp32_base, run_one
+
+from lightning_quant import DSQCallback, PACTCallback
+
+ROWS = {
+    "pact_w2a2_mse": lambda: [PACTCallback(2, 2, calibration="mse", verbose=False)],
+    "pact_w2a2_mse_alpha_lr_1e-3": lambda: [PACTCallback(2, 2, calibration="mse", alpha_lr=1e-3, verbose=False)],
+    "pact_w2a2_percentile": lambda: [PACTCallback(2, 2, calibration="percentile", verbose=False)],
+    "pact_w4a4_percentile": lambda: [PACTCallback(4, 4, calibration="percentile", verbose=False)],
+    "pact_every_w4a4_percentile": lambda: [
+        PACTCallback(4, 4, calibration="percentile", first_last="quantize", verbose=False)
+    ],
+    "dsq_w2a2_percentile": lambda: [DSQCallback(2, 2, calibration="percentile", verbose=False)],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=sorted(ROWS), choices=sorted(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--dataset", default="mnist5k")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--weights", type=Path, default=Path("/tmp/lightning_quant_fp32"), help="FP32 cache")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for row in args.rows:
+        accs = []
+        for seed in args.seeds:
+            state, fp32, _ = fp32_base(args.dataset, seed, args.weights)
+            start = time.perf_counter()
+            acc, _ = run_one(args.dataset, seed, 4, ROWS[row](), None, lr=2e-4, init_state=state)
+            accs.append(100 * acc)
+            line = {"row": row, "seed": seed, "acc": 100 * acc, "fp32": 100 * fp32, "s": time.perf_counter() - start}
+            print(json.dumps(line), flush=True)
+        print(json.dumps({"row": row, "mean": statistics.mean(accs)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
