@@ -164,8 +164,8 @@ class _LoadRecipe:
                 " arguments, or rebuild the model from its checkpoint with"
                 " `lightning_quant.load_from_checkpoint(YourModule, path)`."
             )
-        else:  # same recipe; the plan's text (warnings) may differ in length: keep this model's own
-            state_dict[key] = getattr(module, RECIPE_KEY).clone()
+        else:  # same recipe: the model takes the state dict's (its plan text, e.g. warnings, may differ in length)
+            module._buffers[RECIPE_KEY] = state_dict[key].detach().clone().to(module._buffers[RECIPE_KEY].device)
 
 
 def _attach_recipe(model: nn.Module, recipe: dict[str, Any]) -> None:
