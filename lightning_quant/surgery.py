@@ -340,6 +340,21 @@ def _call_model(model: nn.Module, example_input: Any) -> None:
         model(example_input)
 
 
+def _dry_run(model: nn.Module, example_input: Any, handles: list) -> None:
+    """One forward on ``example_input`` in eval mode under ``no_grad`` (no BatchNorm statistics move); every module's
+    mode is restored and ``handles`` (the hooks that watched the run) are removed after, even if it fails."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def _execution_order(
     model: nn.Module, activation_slots: list[tuple[str, int]], weight_slots: list[str], example_input: Any
 ) -> list[_Event]:
@@ -370,16 +385,7 @@ def _execution_order(
     # One hook per module instance; `by_module` already maps an instance to every slot it sits in.
     by_id = {id(modules[name]): modules[name] for name in (*dict(activation_slots), *weight_slots)}
     handles = [module.register_forward_pre_hook(hook) for module in by_id.values()]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    _dry_run(model, example_input, handles)
     return events
 
 
@@ -470,16 +476,7 @@ def _grid_fed_layers(model: nn.Module, example_input: Any) -> dict[str, bool]:
                 fed[name] = fed.get(name, True) and bool(args) and is_on_grid(args[0])
 
             handles.append(module.register_forward_pre_hook(before_layer))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    _dry_run(model, example_input, handles)
     return fed
 
 

@@ -72,7 +72,33 @@ def estimate_range(x: Tensor, bits: int, estimator: str) -> Tensor:
     return torch.stack([lo, hi])
 
 
-class LSQPlusInput(ActivationQuantizer):
+class _RangeInput(ActivationQuantizer):
+    """A weight layer's input on a learned range ``[lower, upper]``, one call site; subclasses quantize on it."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(1)
+        check_bits(bits, "bits")
+        self.bits = bits
+        self.lower = nn.Parameter(torch.full((1,), -1.0))  # until calibrated: [-1, 1]
+        self.upper = nn.Parameter(torch.full((1,), 1.0))
+        self.register_buffer("calibrated", torch.zeros(1, dtype=torch.bool))
+
+    def calibration_estimate(self, x: Tensor, site: int, estimator: str) -> Tensor:
+        return estimate_range(x, self.bits_at(site), estimator)
+
+    @torch.no_grad()
+    def set_calibration(self, site: int, value: Tensor) -> None:
+        self.lower.fill_(float(value[0]))
+        self.upper.fill_(float(value[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quantize(x, 0)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class LSQPlusInput(_RangeInput):
     """A weight layer's input on a ``bits``-bit grid over a learned range ``[lower, upper]`` (LSQ+'s step and offset).
 
     The grid is LSQ+'s, ``step = (upper - lower) / (2**bits - 1)`` and ``offset = lower``
@@ -87,14 +113,6 @@ class LSQPlusInput(ActivationQuantizer):
         ValueError: If ``bits`` is out of range.
     """
 
-    def __init__(self, bits: int) -> None:
-        super().__init__(1)
-        check_bits(bits, "bits")
-        self.bits = bits
-        self.lower = nn.Parameter(torch.full((1,), -1.0))  # until calibrated: [-1, 1]
-        self.upper = nn.Parameter(torch.full((1,), 1.0))
-        self.register_buffer("calibrated", torch.zeros(1, dtype=torch.bool))
-
     def step(self, bits: int) -> Tensor:
         """The grid's step, ``(upper - lower) / (2**bits - 1)``, as the forward computes it (before its floor)."""
         return (self.upper - self.lower) / (2**bits - 1)
@@ -103,22 +121,8 @@ class LSQPlusInput(ActivationQuantizer):
         bits = self.bits_at(site)
         return lsq_plus_quantize(x, self.step(bits), self.lower, bits, min_step=MIN_STEP)
 
-    def calibration_estimate(self, x: Tensor, site: int, estimator: str) -> Tensor:
-        return estimate_range(x, self.bits_at(site), estimator)
 
-    @torch.no_grad()
-    def set_calibration(self, site: int, value: Tensor) -> None:
-        self.lower.fill_(float(value[0]))
-        self.upper.fill_(float(value[1]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.quantize(x, 0)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
-
-
-class DSQInput(ActivationQuantizer):
+class DSQInput(_RangeInput):
     """A weight layer's input on DSQ's learned range ``[l, u]`` (no activation), with DSQ's soft gradient.
 
     Args:
@@ -130,30 +134,11 @@ class DSQInput(ActivationQuantizer):
     """
 
     def __init__(self, bits: int, temperature: float = 0.2) -> None:
-        super().__init__(1)
-        check_bits(bits, "bits")
-        self.bits = bits
-        self.lower = nn.Parameter(torch.full((1,), -1.0))
-        self.upper = nn.Parameter(torch.full((1,), 1.0))
+        super().__init__(bits)
         self.register_buffer("temperature", torch.full((1,), float(temperature)))
-        self.register_buffer("calibrated", torch.zeros(1, dtype=torch.bool))
 
     def set_temperature(self, value: float) -> None:
         self.temperature.fill_(float(value))
 
     def quantize(self, x: Tensor, site: int) -> Tensor:
         return dsq_quantize(x, self.lower[0], self.upper[0], self.temperature[0], self.bits_at(site))
-
-    def calibration_estimate(self, x: Tensor, site: int, estimator: str) -> Tensor:
-        return estimate_range(x, self.bits_at(site), estimator)
-
-    @torch.no_grad()
-    def set_calibration(self, site: int, value: Tensor) -> None:
-        self.lower.fill_(float(value[0]))
-        self.upper.fill_(float(value[1]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.quantize(x, 0)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
