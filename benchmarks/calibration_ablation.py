@@ -1,7 +1,8 @@
 """PACT/DSQ at low bits, fine-tuned from the saved FP32 models, with one calibration setting changed per row.
 
 Not a test: the rows behind the README's "What was tried for the 2-bit miss" table. Each run is the fine-tune
-protocol of ``benchmarks/accuracy.py`` (same FP32 weights per seed, 4 epochs at Adam lr 2e-4) with the callback shown.
+protocol of ``benchmarks/accuracy.py`` (same FP32 weights per seed, 4 epochs at Adam lr 2e-4), or with
+``--protocol scratch`` its from-scratch one (8 epochs at lr 1e-3), with the callback shown.
 Prints one JSON line per (row, seed).
 
 Usage::
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--weights", type=Path, default=Path("/tmp/lightning_quant_fp32"), help="FP32 cache")
+    parser.add_argument(
+        "--protocol", choices=["finetune", "scratch"], default="finetune", help="scratch: 8 epochs at 1e-3"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for row in args.rows:
@@ -48,7 +52,10 @@ def main() -> None:
         for seed in args.seeds:
             state, fp32, _ = fp32_base(args.dataset, seed, args.weights)
             start = time.perf_counter()
-            acc, _ = run_one(args.dataset, seed, 4, ROWS[row](), None, lr=2e-4, init_state=state)
+            if args.protocol == "finetune":
+                acc, _ = run_one(args.dataset, seed, 4, ROWS[row](), None, lr=2e-4, init_state=state)
+            else:
+                acc, _ = run_one(args.dataset, seed, 8, ROWS[row](), None, lr=1e-3)
             accs.append(100 * acc)
             line = {"row": row, "seed": seed, "acc": 100 * acc, "fp32": 100 * fp32, "s": time.perf_counter() - start}
             print(json.dumps(line), flush=True)
