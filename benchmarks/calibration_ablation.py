@@ -32,6 +32,7 @@ ROWS = {
         PACTCallback(4, 4, calibration="percentile", first_last="quantize", verbose=False)
     ],
     "dsq_w2a2_percentile": lambda: [DSQCallback(2, 2, calibration="percentile", verbose=False)],
+    "dsq_w2a2_quantizer_lr_2e-4": lambda: [DSQCallback(2, 2, quantizer_lr=2e-4, verbose=False)],
 }
 
 
