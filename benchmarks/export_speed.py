@@ -17,7 +17,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 
 import numpy as np
 import onnx
@@ -26,23 +25,7 @@ from torch.nn import functional as F
 
 from lightning_quant import PACTConfig, export_onnx, inject_quantizers
 from lightning_quant.demos.models import DemoCNN
-from lightning_quant.export import onnxruntime_session
-
-
-def _float_onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            path,
-            dynamo=False,
-            opset_version=20,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
-    return path
+from lightning_quant.export import export_float_onnx, onnxruntime_session
 
 
 def _quantized(input_size: int) -> DemoCNN:
@@ -77,7 +60,7 @@ def main() -> None:
     folder = tempfile.mkdtemp()
     example = torch.randn(2, 1, args.input_size, args.input_size)
     torch.manual_seed(0)
-    paths = {"float": _float_onnx(DemoCNN(input_size=args.input_size).eval(), example, f"{folder}/float.onnx")}
+    paths = {"float": export_float_onnx(DemoCNN(input_size=args.input_size).eval(), example, f"{folder}/float.onnx")}
     quantized = _quantized(args.input_size)
     paths["QDQ (fake-quant, exact)"] = export_onnx(quantized, example, f"{folder}/qdq.onnx")
     paths["integer kernels"] = export_onnx(quantized, example, f"{folder}/int.onnx", integer_kernels=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,6 +38,7 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_quant import export_onnx, load_from_checkpoint
+from lightning_quant.export import export_float_onnx
 from lightning_quant.surgery import RECIPE_KEY
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -179,18 +179,7 @@ def write_onnx(model_cls: type[L.LightningModule], ckpt_path: str, quantized: bo
         export_onnx(model, model.example_input_array, path)
         return path
     model = model_cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            model,
-            (model.example_input_array,),
-            str(path),
-            dynamo=False,
-            opset_version=20,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
+    export_float_onnx(model, model.example_input_array, path)
     return path
 
 

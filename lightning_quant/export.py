@@ -772,6 +772,33 @@ def _rewrite(onnx: Any, data: bytes, calls: list[_Point], inputs: list[str], int
 # ----------------------------------------------------------------------------------------------- public API
 
 
+def export_float_onnx(model: nn.Module, example_input: Tensor, path: str | os.PathLike) -> str:
+    """The float baseline of :func:`export_onnx`: the same exporter, opset and names (``input``/``output``, dynamic
+    batch), no quantization. For a model without quantizers (the float model a QDQ export is compared with).
+
+    Args:
+        model: A float model (eval mode is the caller's choice).
+        example_input: One input batch.
+        path: The ``.onnx`` file to write.
+
+    Returns:
+        ``path`` as a string.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (example_input,),
+            str(path),
+            dynamo=False,
+            opset_version=TRACE_OPSET,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    return str(path)
+
+
 def export_onnx(
     model: nn.Module,
     example_input: Tensor | tuple[Tensor, ...],
