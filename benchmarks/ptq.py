@@ -1,21 +1,27 @@
 """Post-training quantization of a trained DemoCNN, without labels, vs torch.ao's eager PTQ and QAT fine-tuning time.
 
-Not a test. Per data set and seed: DemoCNN is trained in FP32 as in ``benchmarks/accuracy.py`` (Adam 1e-3, batch
-64, 8 epochs), then each row quantizes a copy of that same trained model and reports its test accuracy:
+Not a test. Per data set and seed, the trained FP32 model is the fine-tune protocol's starting point of
+``benchmarks/accuracy.py`` (DemoCNN, Adam 1e-3, batch 64, 8 epochs; saved under ``--weights-dir`` and reused), and
+each row quantizes a copy of that same model and reports its test accuracy:
 
-* FP32: the trained model.
-* PTQ PACT WwAa: ``lightning_quant.post_training_quantize`` with ``PACTConfig(act_bits=a, weight_bits=w)`` (LSQ
-  weights, clips calibrated then learned; first and last layers float) on 512 training images; the loader yields
-  the images alone, so no label can be read.
+* FP32: the trained model. FP32 + BN re-estimation (control): the same with its BatchNorm statistics re-estimated
+  on the calibration images, nothing quantized (what re-estimation alone does to the float model).
+* PTQ PACT WwAa: ``lightning_quant.post_training_quantize`` with ``PACTConfig(act_bits=a, weight_bits=w)`` and its
+  defaults (LSQ weights, clips calibrated then fitted, BatchNorm statistics re-estimated; first and last layers
+  float) on 512 training images (a seeded draw, 4 batches of 128); the loader yields the images alone, so no label
+  can be read. "BN kept" rows: the same with ``batchnorm="keep"``.
 * torch.ao PTQ WwAa: torch.ao's eager post-training quantization on the same places (the weights of conv2, conv3,
   fc1 and the outputs of relu1-relu3, as ``references.torch_ao_qat``), observers run on the same 512 images in eval
-  mode, then frozen; evaluated as fake-quant. Two observer choices: ``MinMaxObserver`` on activations (torch.ao's
+  mode, then frozen; evaluated as fake-quant. Both observer choices: ``MinMaxObserver`` on activations (torch.ao's
   ``default_qconfig``) and ``HistogramObserver`` (torch.ao's x86/fbgemm default); weights per-tensor symmetric
-  ``MinMaxObserver`` in both (PACT's LSQ steps are per tensor too).
+  ``MinMaxObserver`` in both (PACT's LSQ steps are per tensor too). "+ BN re-estimation" rows: then the same
+  BatchNorm re-estimation as PTQ PACT's (the same function, the same images), so the comparison is like for like.
+* QAT rows (MNIST-5k): PACT W8A8 and W4A4 of the accuracy benchmark's fine-tune protocol (4 epochs at lr 2e-4 from
+  the same FP32 weights, same seeds), read from ``benchmarks/results/accuracy_finetune_<dataset>_s<seed>.json``.
 
-Cost: one post-training run (W4A4, calibration included) and one epoch of QAT fine-tuning of the same trained model
-(``PACTCallback(4, 4)``, a Trainer epoch over the full training set with its validation pass) are timed side by side
-in the same process.
+Cost, side by side in the same process: one post-training run (PTQ PACT W4A4 with the defaults, calibration and
+re-estimation included) and one epoch of PACT W4A4 QAT fine-tuning of the same trained model over the full training
+set (``PACTCallback(4, 4)``, ``Trainer.fit`` for one epoch, no validation pass).
 
 Usage::
 
@@ -34,18 +40,26 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from accuracy import DATASETS, run_one
+from accuracy import DATASETS, fp32_base
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_quant import PACTCallback, PACTConfig, post_training_quantize
+from lightning_quant.demos import DemoCNN
+from lightning_quant.ptq import _reestimate_batchnorm
 
 WIDTHS = ((8, 8), (8, 4), (4, 4))  # (weight bits, activation bits)
 CALIBRATION_IMAGES = 512
+QAT_ROWS = {"pact_w8a8": "QAT PACT W8A8 (fine-tune, 4 epochs)", "pact_w4a4": "QAT PACT W4A4 (fine-tune, 4 epochs)"}
+PTQ_TIME, QAT_TIME, RATIO = (
+    "time: PTQ PACT W4A4 run (s)",
+    "time: QAT PACT W4A4 1 epoch (s)",
+    "time ratio: PTQ run / QAT epoch",
+)
 
 
-def label(kind: str, w: int, a: int) -> str:
-    return f"{kind} W{w}A{a}"
+def label(kind: str, w: int, a: int, suffix: str = "") -> str:
+    return f"{kind} W{w}A{a}{suffix}"
 
 
 def calibration_loader(data: L.LightningDataModule, seed: int, batch_size: int = 128) -> DataLoader:
@@ -53,6 +67,11 @@ def calibration_loader(data: L.LightningDataModule, seed: int, batch_size: int =
     x = data.train_set.tensors[0]
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:CALIBRATION_IMAGES]
     return DataLoader(TensorDataset(x[pick]), batch_size=batch_size, shuffle=True)
+
+
+def images(loader: DataLoader) -> list[torch.Tensor]:
+    """The calibration batches as a list (what ``post_training_quantize`` re-estimates BatchNorm on)."""
+    return [x for (x,) in loader]
 
 
 @torch.no_grad()
@@ -67,10 +86,20 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / total
 
 
-def ptq_pact(model: nn.Module, loader: DataLoader, w: int, a: int, steps: int, lr: float) -> nn.Module:
+def ptq_pact(model: nn.Module, loader: DataLoader, w: int, a: int, **kwargs) -> tuple[nn.Module, float]:
+    """A quantized copy of ``model`` and the seconds ``post_training_quantize`` took on it."""
     student = copy.deepcopy(model)
-    post_training_quantize(student, PACTConfig(act_bits=a, weight_bits=w), loader, steps=steps, lr=lr)
-    return student
+    torch.manual_seed(0)  # the loader's shuffle
+    start = time.perf_counter()
+    post_training_quantize(student, PACTConfig(act_bits=a, weight_bits=w), loader, **kwargs)
+    return student, time.perf_counter() - start
+
+
+def with_bn_reestimated(model: nn.Module, loader: DataLoader) -> nn.Module:
+    """``model`` (a copy when it is the FP32 one) with post_training_quantize's BatchNorm re-estimation applied."""
+    model.eval()
+    _reestimate_batchnorm(model, images(loader), None)
+    return model
 
 
 def ptq_torch_ao(model: nn.Module, loader: DataLoader, w: int, a: int, histogram: bool) -> nn.Module:
@@ -111,7 +140,7 @@ def ptq_torch_ao(model: nn.Module, loader: DataLoader, w: int, a: int, histogram
 
 
 def qat_epoch_seconds(model: nn.Module, data: L.LightningDataModule) -> float:
-    """Wall time of one epoch of PACT W4A4 QAT fine-tuning of the trained model (Trainer.fit, validation included)."""
+    """Wall time of one epoch of PACT W4A4 QAT fine-tuning of the trained model (Trainer.fit, no validation)."""
     student = copy.deepcopy(model)
     trainer = L.Trainer(
         max_epochs=1,
@@ -121,6 +150,8 @@ def qat_epoch_seconds(model: nn.Module, data: L.LightningDataModule) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         callbacks=[PACTCallback(4, 4, verbose=False)],
     )
     start = time.perf_counter()
@@ -128,39 +159,81 @@ def qat_epoch_seconds(model: nn.Module, data: L.LightningDataModule) -> float:
     return time.perf_counter() - start
 
 
-def run_seed(dataset: str, seed: int, epochs: int, steps: int, lr: float) -> dict[str, float]:
-    data_cls, _ = DATASETS[dataset]
-    fp32_acc, model = run_one(dataset, seed, epochs, [], None)
+def qat_rows(dataset: str, seed: int, results_dir: Path) -> dict[str, float]:
+    """The accuracy benchmark's fine-tune QAT rows for this (data set, seed), where its JSON file holds them."""
+    path = results_dir / f"accuracy_finetune_{dataset}_s{seed}.json"
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    return {name: rows[key]["acc"] for key, name in QAT_ROWS.items() if key in rows}
+
+
+def run_seed(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    data_cls, size = DATASETS[dataset]
+    state, fp32_acc, _ = fp32_base(dataset, seed, args.weights_dir)
+    model = DemoCNN(in_channels=1, num_classes=10, input_size=size)
+    model.load_state_dict(state)
     model.eval()
     data = data_cls(batch_size=64, seed=seed)
     data.setup("fit")
     test = data.test_dataloader()
     loader = calibration_loader(data, seed)
-    out = {"FP32": fp32_acc}
+    ptq_kwargs = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    out = {
+        "FP32": fp32_acc,
+        "FP32 + BN re-estimation (control)": accuracy(with_bn_reestimated(copy.deepcopy(model), loader), test),
+    }
     for w, a in WIDTHS:
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        student = ptq_pact(model, loader, w, a, steps, lr)
-        seconds = time.perf_counter() - start
+        student, seconds = ptq_pact(model, loader, w, a, **ptq_kwargs)
         out[label("PTQ PACT", w, a)] = accuracy(student, test)
         if (w, a) == (4, 4):
-            out["time: PTQ PACT W4A4 run (s)"] = seconds
+            out[PTQ_TIME] = seconds
+            L.seed_everything(seed, verbose=False)
+            out[QAT_TIME] = qat_epoch_seconds(model, data)  # right after, in the same process
+            out[RATIO] = out[PTQ_TIME] / out[QAT_TIME]
+        student, _ = ptq_pact(model, loader, w, a, batchnorm="keep", **ptq_kwargs)
+        out[label("PTQ PACT", w, a, ", BN kept")] = accuracy(student, test)
         for histogram in (False, True):
             kind = "torch.ao PTQ " + ("histogram" if histogram else "min-max")
-            out[label(kind, w, a)] = accuracy(ptq_torch_ao(model, loader, w, a, histogram), test)
-    L.seed_everything(seed, verbose=False)
-    out["time: QAT PACT W4A4 1 epoch (s)"] = qat_epoch_seconds(model, data)
+            student = ptq_torch_ao(model, loader, w, a, histogram)
+            out[label(kind, w, a)] = accuracy(student, test)
+            out[label(kind, w, a, " + BN re-estimation")] = accuracy(with_bn_reestimated(student, loader), test)
+    out.update(qat_rows(dataset, seed, args.out.parent))
     return out
+
+
+ROW_ORDER = [
+    "FP32",
+    "FP32 + BN re-estimation (control)",
+    *[
+        label(kind, w, a, suffix)
+        for w, a in WIDTHS
+        for kind, suffix in (
+            ("PTQ PACT", ""),
+            ("PTQ PACT", ", BN kept"),
+            ("torch.ao PTQ min-max", ""),
+            ("torch.ao PTQ histogram", ""),
+            ("torch.ao PTQ min-max", " + BN re-estimation"),
+            ("torch.ao PTQ histogram", " + BN re-estimation"),
+        )
+    ],
+    *QAT_ROWS.values(),
+    PTQ_TIME,
+    QAT_TIME,
+    RATIO,
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["mnist5k", "digits"], choices=sorted(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="PTQ steps (default: post_training_quantize's)")
     parser.add_argument("--lr", type=float, default=None, help="PTQ relative lr (default: post_training_quantize's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--weights-dir", type=Path, default=Path("/tmp/lightning_quant_fp32"), help="saved FP32 starting points"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq.md"))
     args = parser.parse_args()
     if args.threads:
@@ -169,50 +242,62 @@ def main() -> None:
     steps = defaults["steps"] if args.steps is None else args.steps
     lr = defaults["lr"] if args.lr is None else args.lr
 
-    results: dict[str, dict[str, list[float]]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {}  # row -> data set -> seed -> value
     for dataset in args.datasets:
         for seed in args.seeds:
-            for key, value in run_seed(dataset, seed, args.epochs, steps, lr).items():
-                results.setdefault(key, {}).setdefault(dataset, []).append(value)
-                print(f"{dataset:8s} seed {seed} {key:36s} {value if 'time' in key else 100 * value:8.2f}", flush=True)
+            for key, value in run_seed(dataset, seed, args).items():
+                results.setdefault(key, {}).setdefault(dataset, {})[str(seed)] = value
+                shown = value if key.startswith("time") else 100 * value
+                print(f"{dataset:8s} seed {seed} {key:52s} {shown:8.2f}", flush=True)
             args.out.with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+            args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     command = (
         f"python benchmarks/ptq.py --datasets {' '.join(args.datasets)} --seeds {' '.join(map(str, args.seeds))}"
-        f" --epochs {args.epochs} --threads {args.threads}"
+        f" --threads {args.threads}"
+        + (f" --steps {args.steps}" if args.steps is not None else "")
+        + (f" --lr {args.lr}" if args.lr is not None else "")
     )
-    write_table(results, args.datasets, args.seeds, steps, lr, command, args.out)
+    write_table(results, args.datasets, steps, lr, command, args.out)
 
 
-def _cell(values: list[float], scale: float) -> str:
-    shown = [scale * v for v in values]
-    per_seed = ", ".join(f"{v:.2f}" if scale == 100 else f"{v:.1f}" for v in shown)
-    mean = statistics.mean(shown)
-    return f"**{mean:.2f}** ({per_seed})" if scale == 100 else f"**{mean:.1f}** ({per_seed})"
+def _cell(per_seed: dict[str, float], key: str, fp32: float | None) -> str:
+    """Mean in bold (and its gap to FP32's mean), then the per-seed values in seed order."""
+    values = list(per_seed.values())
+    mean = statistics.mean(values)
+    if key.startswith("time ratio"):
+        return f"**{mean:.2f}** ({', '.join(f'{v:.2f}' for v in values)})"
+    if key.startswith("time"):
+        return f"**{mean:.1f}** ({', '.join(f'{v:.1f}' for v in values)})"
+    gap = "" if fp32 is None or key == "FP32" else f" {100 * (mean - fp32):+.2f}"
+    return f"**{100 * mean:.2f}**{gap} ({', '.join(f'{100 * v:.1f}' for v in values)})"
 
 
 def write_table(
-    results: dict[str, dict[str, list[float]]],
+    results: dict[str, dict[str, dict[str, float]]],
     datasets: list[str],
-    seeds: list[int],
     steps: int,
     lr: float,
     command: str,
     out: Path,
 ) -> None:
-    """Markdown: mean over seeds in bold, then the per-seed values in seed order."""
+    """Markdown: per data set the mean over seeds in bold, its gap to FP32's mean, then the per-seed values."""
+    seeds = {d: sorted({s for row in results.values() for s in row.get(d, {})}, key=int) for d in datasets}
     lines = [
         f"Test accuracy (%) of DemoCNN trained in FP32 (Adam 1e-3, batch 64, 8 epochs), then quantized after training"
-        f" on {CALIBRATION_IMAGES} training images (labels unused); mean over seeds {seeds} in bold, per-seed values"
-        f" in brackets. PTQ PACT: `post_training_quantize(steps={steps}, lr={lr})`. Times in seconds, one thread."
-        f" Command: `{command}`",
+        f" on {CALIBRATION_IMAGES} training images (labels unused): mean over seeds in bold, its gap to FP32's mean,"
+        f" per-seed values in brackets (seeds: {'; '.join(f'{d} {seeds[d]}' for d in datasets)}). PTQ PACT:"
+        f" `post_training_quantize(steps={steps}, lr={lr})` defaults otherwise. Times in seconds, one thread, side"
+        f" by side in one process on a shared 2-core machine. Command: `{command}`",
         "",
         "| row | " + " | ".join(datasets) + " |",
         "|---|" + "---|" * len(datasets),
     ]
-    for key, per_dataset in results.items():
-        scale = 1 if key.startswith("time") else 100
-        cells = [_cell(per_dataset[d], scale) if d in per_dataset else "-" for d in datasets]
+    keys = [k for k in ROW_ORDER if k in results] + [k for k in results if k not in ROW_ORDER]
+    for key in keys:
+        cells = []
+        for d in datasets:
+            fp32 = statistics.mean(results["FP32"][d].values()) if d in results.get("FP32", {}) else None
+            cells.append(_cell(results[key][d], key, fp32) if d in results[key] else "-")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -68,6 +68,7 @@ def run(cfg: DictConfig) -> float:
         lr=cfg.ptq.lr,
         calibration_batches=cfg.ptq.calibration_batches,
         calibration=cfg.ptq.calibration,
+        batchnorm=cfg.ptq.batchnorm,
         progress=cfg.ptq.progress,
     )
     print(plan.format("post-training quantization plan"), flush=True)

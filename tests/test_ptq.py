@@ -62,7 +62,8 @@ def output_mse(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float
     return float(torch.mean((student.eval()(x) - teacher.eval()(x)) ** 2))
 
 
-def test_inputs_alone_weights_bn_teacher_and_flags_unchanged():
+@pytest.mark.parametrize("batchnorm", ["keep", "reestimate"])
+def test_inputs_alone_weights_teacher_and_flags_unchanged(batchnorm):
     model = trained_model()
     teacher = copy.deepcopy(model).eval()
     x = inputs()
@@ -70,17 +71,67 @@ def test_inputs_alone_weights_bn_teacher_and_flags_unchanged():
     teacher_state, teacher_out = state(teacher), teacher(x)
     model.conv1.weight.requires_grad_(False)  # a frozen layer: its quantizer must still be fitted
     plan = post_training_quantize(
-        model, CONFIG, DataLoader(x, batch_size=16), steps=10, calibration_batches=2, teacher=teacher
+        model,
+        CONFIG,
+        DataLoader(x, batch_size=16),
+        steps=10,
+        calibration_batches=2,
+        teacher=teacher,
+        batchnorm=batchnorm,
     )
     assert plan.quantized and injected_recipe(model) is not None
     after = model.state_dict()
-    for key, value in before.items():  # weights, biases and BatchNorm statistics: bit-identical
-        assert torch.equal(after[key], value), key
+    params = {name for name, _ in model.named_parameters()}
+    statistics = {k for k in before if k.startswith(("bn1.", "bn2.")) and k not in params}
+    for key, value in before.items():  # weights and biases bit-identical; BatchNorm statistics unless re-estimated
+        assert torch.equal(after[key], value) != (batchnorm == "reestimate" and key in statistics), key
     assert model.training and all(m.training for m in model.modules())  # the training flag is restored
     assert not model.conv1.weight.requires_grad and model.conv2.weight.requires_grad
-    assert not teacher.training and same_state(state(teacher), teacher_state)
+    assert not teacher.training and same_state(state(teacher), teacher_state)  # the caller's teacher: untouched
     assert torch.equal(teacher(x), teacher_out)
     assert any(k.endswith(("alpha", "step")) for k in after.keys() - before.keys())
+
+
+class MLP(nn.Module):
+    """float Linear, ReLU (quantized: it feeds a quantized layer), quantized Linear, BatchNorm, ReLU, float Linear.
+
+    The one BatchNorm sees only quantized values and has no BatchNorm before it, so its input during re-estimation
+    is exactly its input in the final eval-mode model.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.relu2(self.bn(self.fc2(self.relu1(self.fc1(x))))))
+
+
+def test_batchnorm_reestimated_on_the_quantized_model_float64():
+    torch.manual_seed(0)
+    model = MLP().double()
+    batches = [torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    trained_mean, trained_var = model.bn.running_mean.clone(), model.bn.running_var.clone()
+    post_training_quantize(model, PACTConfig(act_bits=2, weight_bits=2), batches, steps=0, calibration_batches=3)
+    seen = []
+    model.bn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        for x in batches:
+            model.eval()(x)  # the final quantized model: what feeds its BatchNorm now
+    # momentum=None: the plain average over the batches of each batch's mean and unbiased variance
+    expected_mean = sum(h.mean(0) for h in seen) / 3
+    expected_var = sum(h.var(0, unbiased=True) for h in seen) / 3
+    assert torch.allclose(model.bn.running_mean, expected_mean, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(model.bn.running_var, expected_var, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(model.bn.running_mean, trained_mean) and not torch.allclose(
+        model.bn.running_var, trained_var
+    )
+    assert model.bn.momentum == 0.1 and int(model.bn.num_batches_tracked) == 3
 
 
 def test_labels_never_read():
@@ -126,8 +177,9 @@ def test_fitting_lowers_the_mse_below_calibration():
     calibrated, fitted = trained_model(), trained_model()
     # Clips at the largest value seen ("max") waste levels on outliers at 2 bits: fitting has room to improve.
     config = PACTConfig(act_bits=2, weight_bits=2, first_last="quantize")
-    post_training_quantize(calibrated, config, loader, steps=0, calibration="max", calibration_batches=4)
-    post_training_quantize(fitted, config, loader, steps=60, lr=0.02, calibration="max", calibration_batches=4)
+    keep = {"calibration": "max", "calibration_batches": 4, "batchnorm": "keep"}  # the fit alone, against `teacher`
+    post_training_quantize(calibrated, config, loader, steps=0, **keep)
+    post_training_quantize(fitted, config, loader, steps=60, lr=0.02, **keep)
     assert output_mse(fitted, teacher, x) < 0.9 * output_mse(calibrated, teacher, x)
 
 
@@ -136,8 +188,9 @@ def test_frozen_model_quantizers_still_train():
     loader = DataLoader(TensorDataset(x), batch_size=32)
     calibrated, fitted = trained_model().requires_grad_(False), trained_model().requires_grad_(False)
     config = PACTConfig(act_bits=2, weight_bits=2, first_last="quantize")
-    post_training_quantize(calibrated, config, loader, steps=0, calibration="max", calibration_batches=4)
-    post_training_quantize(fitted, config, loader, steps=60, lr=0.02, calibration="max", calibration_batches=4)
+    keep = {"calibration": "max", "calibration_batches": 4, "batchnorm": "keep"}
+    post_training_quantize(calibrated, config, loader, steps=0, **keep)
+    post_training_quantize(fitted, config, loader, steps=60, lr=0.02, **keep)
     moved = [k for k, v in calibrated.state_dict().items() if not torch.equal(v, fitted.state_dict()[k])]
     assert moved and all(k.endswith(("alpha", "step", "lower", "upper")) for k in moved)  # quantizer values only
     assert not any(p.requires_grad for p in fitted.parameters())  # the flags inject_quantizers gives: frozen
@@ -163,6 +216,8 @@ class Refuses2D(nn.Module):
         ({"lr": 0.0}, r"`lr` must be a finite number > 0, got 0.0"),
         ({"calibration_batches": 0}, r"`calibration_batches` must be an int >= 1.*got 0"),
         ({"config": "pact"}, r"`config` must be a PACTConfig or DSQConfig.*'pact'"),
+        ({"batchnorm": "reset"}, r"`batchnorm` must be one of \('reestimate', 'keep'\), got 'reset'"),
+        ({"dataloader": [inputs(1)]}, r"batches of one sample \(Tensor\[1, 1, 4, 4\]\).*batchnorm='keep'"),
         (
             {"dataloader": [(torch.zeros(8, 3, 4, 4), torch.zeros(8))]},
             r"a tuple of \(Tensor\[8, 3, 4, 4\], Tensor\[8\]\)",
