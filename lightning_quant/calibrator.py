@@ -35,6 +35,14 @@ def check_calibration_batches(value: object, name: str = "calibration_batches") 
     return value
 
 
+def _sample(x: Tensor, max_samples: int | None) -> Tensor:
+    """At most ``max_samples`` values of ``x`` (flattened), drawn uniformly with a fixed seed; ``x`` if it has fewer."""
+    if max_samples is None or x.numel() <= max_samples:
+        return x
+    idx = torch.randint(x.numel(), (max_samples,), generator=torch.Generator().manual_seed(0))
+    return x.reshape(-1)[idx.to(x.device)]
+
+
 def _mean_across_ranks(value: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
@@ -51,16 +59,32 @@ class ActivationCalibrator:
         estimator: Name of the clip estimator (:data:`lightning_quant.calibration.CLIP_ESTIMATORS`).
         num_batches: Forwards per site whose estimates are averaged.
         training_only: Only forwards in training mode count (validation batches never calibrate).
+        max_samples: Estimate each forward's clip from a fixed-seed uniform sample of at most this many of its input's
+            values (None: every value, up to the estimator's own budget of about a million). The estimators sort
+            what they get, so this bounds calibration's cost on large activations.
 
     Raises:
-        ValueError: If ``estimator`` is unknown or ``num_batches`` is not an int >= 1.
+        ValueError: If ``estimator`` is unknown, ``num_batches`` is not an int >= 1 or ``max_samples`` is neither
+            None nor an int >= 1.
     """
 
-    def __init__(self, model: nn.Module, estimator: str = "mse", num_batches: int = 1, training_only: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        estimator: str = "mse",
+        num_batches: int = 1,
+        training_only: bool = True,
+        max_samples: int | None = None,
+    ):
         self.estimate = get_clip_estimator(estimator)
         self.estimator = estimator
         self.num_batches = check_calibration_batches(num_batches)
         self.training_only = training_only
+        if max_samples is not None and (
+            isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+        ):
+            raise ValueError(f"`max_samples` must be None or an int >= 1, got {max_samples!r}.")
+        self.max_samples = max_samples
         self._sums: dict[tuple[int, int], tuple[Tensor, int]] = {}
         self._pending: set[tuple[int, int]] = set()
         self._handles: list[RemovableHandle] = []
@@ -93,7 +117,7 @@ class ActivationCalibrator:
         key = (id(module), site)
         if key not in self._pending:
             return
-        x = args[0].detach()
+        x = _sample(args[0].detach(), self.max_samples)
         estimate = self._estimate(module, x, site).to(device=x.device, dtype=torch.float64)
         estimate = _mean_across_ranks(estimate)
         total, count = self._sums.get(key, (torch.zeros_like(estimate), 0))

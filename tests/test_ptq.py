@@ -261,3 +261,23 @@ def test_checkpoint_and_onnx_of_the_result(tmp_path):
     x = inputs(8)
     assert torch.equal(loaded(x), model.eval()(x))
     assert export_onnx(loaded, x[:2], tmp_path / "ptq.onnx") == str(tmp_path / "ptq.onnx")
+
+
+def test_calibrator_sample_bounds_the_search_and_stays_close():
+    from lightning_quant.calibrator import ActivationCalibrator
+    from lightning_quant.quantizers.pact import PACTActivation
+
+    x = torch.randn(64, 8, 16, 16, generator=torch.Generator().manual_seed(0)).relu()  # 131k ReLU outputs
+
+    def clip(max_samples):
+        site = PACTActivation(3, alpha_init=6.0, calibrated=False)
+        calibrator = ActivationCalibrator(site, "mse", num_batches=1, training_only=False, max_samples=max_samples)
+        site(x)
+        assert calibrator.done
+        return float(site.alpha.detach())
+
+    full, sampled = clip(None), clip(2**12)
+    assert sampled == clip(2**12)  # a fixed-seed sample: the same clip every time
+    assert sampled != full and abs(sampled - full) < 0.03 * full
+    with pytest.raises(ValueError, match=r"`max_samples` must be None or an int >= 1, got 0"):
+        ActivationCalibrator(PACTActivation(3, calibrated=False), max_samples=0)
