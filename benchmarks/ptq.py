@@ -11,9 +11,10 @@ each row quantizes a copy of that same model and reports its test accuracy:
   float) on 512 training images (a seeded draw, 4 batches of 128); the loader yields the images alone, so no label
   can be read. "BN kept, 20 steps" rows: the previous defaults, ``batchnorm="keep", steps=20`` (BatchNorm
   statistics as trained, 20 Adam steps fitting the clips and weight steps to the FP32 outputs).
-* torch.ao PTQ WwAa: torch.ao's eager post-training quantization on the same places (the weights of conv2, conv3,
-  fc1 and the outputs of relu1-relu3, as ``references.torch_ao_qat``), observers run on the same 512 images in eval
-  mode, then frozen; evaluated as fake-quant. Both observer choices: ``MinMaxObserver`` on activations (torch.ao's
+* torch.ao PTQ WwAa: torch.ao's eager post-training quantization on the same places as PTQ PACT (the weights of
+  conv2, conv3, fc1, the outputs of relu1-relu3, and fc1's input: the average pool of relu3's output, which PACT
+  quantizes with an input quantizer), observers run on the same 512 images in eval mode, then frozen; evaluated as
+  fake-quant. Both observer choices: ``MinMaxObserver`` on activations (torch.ao's
   ``default_qconfig``) and ``HistogramObserver`` (torch.ao's x86/fbgemm default); weights per-tensor symmetric
   ``MinMaxObserver`` in both (PACT's LSQ steps are per tensor too). "+ BN re-estimation" rows: then the same
   BatchNorm re-estimation as PTQ PACT's (the same function, the same images), so the comparison is like for like.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -105,7 +107,7 @@ def with_bn_reestimated(model: nn.Module, loader: DataLoader) -> nn.Module:
 
 
 def ptq_torch_ao(model: nn.Module, loader: DataLoader, w: int, a: int, histogram: bool) -> nn.Module:
-    """torch.ao eager PTQ, fake-quant evaluation, on the places ``references.torch_ao_qat`` quantizes."""
+    """torch.ao eager PTQ, fake-quant evaluation, on the places PTQ PACT quantizes (module docstring)."""
     from torch.ao.quantization import (
         FakeQuantize,
         HistogramObserver,
@@ -133,6 +135,9 @@ def ptq_torch_ao(model: nn.Module, loader: DataLoader, w: int, a: int, histogram
         getattr(student, name).activation_post_process = nn.Identity()  # BatchNorm follows: not quantized, as PACT
     for name in ("relu1", "relu2", "relu3"):
         setattr(student, name, nn.Sequential(nn.ReLU(), activation()))
+    # fc1's input, the average pool of relu3's quantized output, is off the grid: PACT puts an input quantizer there
+    # (LSQ+, an affine range at `a` bits), so torch.ao's rows quantize it too, with the same observer.
+    student.pool = nn.Sequential(student.pool, activation())
     student.eval()
     with torch.no_grad():
         for (x,) in loader:
@@ -170,14 +175,19 @@ def qat_rows(dataset: str, seed: int, results_dir: Path) -> dict[str, float]:
     return {name: rows[key]["acc"] for key, name in QAT_ROWS.items() if key in rows}
 
 
-def run_seed(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+def trained(dataset: str, seed: int, weights_dir: Path) -> tuple[nn.Module, float, L.LightningDataModule]:
+    """The trained FP32 model (eval mode), its test accuracy and its data (set up for fitting)."""
     data_cls, size = DATASETS[dataset]
-    state, fp32_acc, _ = fp32_base(dataset, seed, args.weights_dir)
+    state, fp32_acc, _ = fp32_base(dataset, seed, weights_dir)
     model = DemoCNN(in_channels=1, num_classes=10, input_size=size)
     model.load_state_dict(state)
-    model.eval()
     data = data_cls(batch_size=64, seed=seed)
     data.setup("fit")
+    return model.eval(), fp32_acc, data
+
+
+def run_seed(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    model, fp32_acc, data = trained(dataset, seed, args.weights_dir)
     test = data.test_dataloader()
     loader = calibration_loader(data, seed)
     ptq_kwargs = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
@@ -237,9 +247,15 @@ def main() -> None:
         "--weights-dir", type=Path, default=Path("/tmp/lightning_quant_fp32"), help="saved FP32 starting points"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq.md"))
+    parser.add_argument(
+        "--ablation", action="store_true", help="the fitting-step ablation instead (benchmarks/results/ptq_ablation.md)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ablation:
+        ablation(args)
+        return
     defaults = post_training_quantize.__kwdefaults__
     steps = defaults["steps"] if args.steps is None else args.steps
     lr = defaults["lr"] if args.lr is None else args.lr
@@ -260,6 +276,67 @@ def main() -> None:
         + (f" --lr {args.lr}" if args.lr is not None else "")
     )
     write_table(results, args.datasets, steps, lr, command, args.out)
+
+
+ABLATION = {  # label -> post_training_quantize keywords
+    "BN re-estimated, 0 steps (default)": {},
+    "BN re-estimated, 20 steps, lr 0.01": {"steps": 20, "lr": 0.01},
+    "BN re-estimated, 10 steps, lr 0.003": {"steps": 10, "lr": 0.003},
+    "BN re-estimated, 10 steps, lr 0.001": {"steps": 10, "lr": 0.001},
+    "BN kept, 0 steps": {"batchnorm": "keep"},
+    "BN kept, 20 steps, lr 0.01": {"batchnorm": "keep", "steps": 20, "lr": 0.01},
+}
+
+
+class _PutBack(logging.Handler):
+    """Counts post_training_quantize's "values kept" lines: fitting that raised the MSE and was undone."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "kept" in record.getMessage()
+
+
+def ablation(args: argparse.Namespace) -> None:
+    """PTQ PACT W8A4 and W4A4 under each ``ABLATION`` setting: mean accuracy, and how often fitting was undone."""
+    counter = _PutBack()
+    logger = logging.getLogger("lightning_quant.ptq")
+    logger.addHandler(counter)
+    logger.setLevel(logging.INFO)
+    results: dict[str, dict[str, list[float]]] = {}
+    undone: dict[str, list[int]] = {}
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            model, _, data = trained(dataset, seed, args.weights_dir)
+            test, loader = data.test_dataloader(), calibration_loader(data, seed)
+            for name, kwargs in ABLATION.items():
+                for w, a in WIDTHS[1:]:
+                    before = counter.count
+                    student, _ = ptq_pact(model, loader, w, a, **kwargs)
+                    acc = accuracy(student, test)
+                    results.setdefault(name, {}).setdefault(f"{dataset} W{w}A{a}", []).append(acc)
+                    undone.setdefault(name, []).append(counter.count - before)
+                    print(f"{dataset} seed {seed} {name:40s} W{w}A{a} {100 * acc:6.2f}", flush=True)
+    columns = list(next(iter(results.values())))
+    lines = [
+        f"PTQ PACT on the `benchmarks/ptq.py` models and 512 calibration images, mean test accuracy (%) over seeds"
+        f" {args.seeds}; the last column counts the runs whose fitting steps raised the MSE on the calibration set"
+        f" and were undone. Command: `python benchmarks/ptq.py --ablation --datasets {' '.join(args.datasets)}"
+        f" --seeds {' '.join(map(str, args.seeds))} --threads {args.threads}`",
+        "",
+        "| setting | " + " | ".join(columns) + " | fitting undone |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for name, per_column in results.items():
+        means = [f"{100 * statistics.mean(per_column[c]):.2f}" for c in columns]
+        steps = ABLATION[name].get("steps", 0)
+        runs = len(undone[name])
+        lines.append(f"| {name} | " + " | ".join(means) + f" | {f'{sum(undone[name])} of {runs}' if steps else '-'} |")
+    out = args.out.with_name("ptq_ablation.md")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _cell(per_seed: dict[str, float], key: str, fp32: float | None) -> str:
