@@ -150,35 +150,87 @@ def lsq_quantize(
     return _LSQFunction.apply(w, step, qn, qp, float(grad_scale), float(min_step))
 
 
+class _LSQPlusFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+    ) -> Tensor:
+        ct = torch.promote_types(torch.promote_types(x.dtype, step.dtype), torch.float32)
+        s = step.detach().to(ct).clamp_min(min_step)
+        u = -offset.detach().to(ct) / s  # the zero point before rounding
+        z = torch.round(u).clamp(0, levels)
+        q = x.detach().to(ct) / s
+        # What QuantizeLinear / DequantizeLinear compute: round, add the integer zero point, saturate, subtract it.
+        out = (torch.clamp(torch.round(q) + z, 0, levels) - z) * s
+        ctx.save_for_backward(q, u, z)
+        ctx.levels, ctx.grad_scale = levels, grad_scale
+        ctx.dtypes = (x.dtype, step.dtype, offset.dtype)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+        q, u, z = ctx.saved_tensors
+        levels = ctx.levels
+        v = q + z  # the code before rounding: LSQ's regions are decided on it; NaN is in none of them
+        inside, low, high = (v > 0) & (v < levels), v <= 0, v >= levels
+        # z moves with beta and s straight through its rounding, not through its clamp to [0, L].
+        z_moves = (torch.round(u) >= 0) & (torch.round(u) <= levels)
+        pulled = (low | high) & z_moves  # saturated outputs (0 - z) s and (L - z) s follow z
+        grad_x = grad_step = grad_offset = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad * inside.to(grad.dtype)).to(ctx.dtypes[0])
+        g64 = grad.to(torch.float64)
+        if ctx.needs_input_grad[1]:
+            zero = torch.zeros((), dtype=q.dtype, device=q.device)
+            ds = torch.where(inside, torch.round(q) - q, zero)
+            ds = ds + torch.where(low, -z, zero) + torch.where(high, levels - z, zero)
+            ds = ds + torch.where(pulled, u, zero)  # dy/dz * dz/ds = (-s) * (-u / s)
+            total = (g64 * ds.to(torch.float64)).sum() * ctx.grad_scale
+            grad_step = total.reshape(1).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[2]:
+            # dy/dz * dz/dbeta = (-s) * (-1 / s) = 1 on the saturated outputs
+            grad_offset = (g64 * pulled.to(torch.float64)).sum().reshape(1).to(ctx.dtypes[2])
+        return grad_x, grad_step, grad_offset, None, None, None
+
+
 def lsq_plus_quantize(
     x: Tensor, scale: Tensor, offset: Tensor, bits: int, grad_scale: float | None = None, min_step: float = 0.0
 ) -> Tensor:
-    """LSQ+ (Bhalgat et al. 2020): an unsigned grid with a learned step ``s`` and a learned offset ``beta``.
+    """LSQ+ (Bhalgat et al. 2020) on an integer grid: a learned step ``s`` and offset ``beta``, an integer zero point.
 
-    Forward, with ``v = (x - beta) / s`` and ``L = 2**bits - 1``::
+    The levels are those of integer hardware (and of ONNX QuantizeLinear/DequantizeLinear): the offset enters as
+    the integer zero point ``z = clamp(round(-beta / s), 0, L)``, so 0 is always a level and the lowest level is
+    ``-z s``, within ``s / 2`` of ``beta``. Forward, with ``L = 2**bits - 1``::
 
-        y = round(clamp(v, 0, L)) * s + beta
+        y = (clamp(round(x / s) + z, 0, L) - z) * s
 
-    Backward (LSQ's, on the shifted input; the offset's follows from ``y = f(x - beta) + beta``)::
+    Backward: torch.ao's learnable fake-quant gradients for ``(s, z)`` (LSQ's for the step, the zero point's
+    ``-s`` on saturated outputs), with ``z = -beta / s`` taken straight through its rounding (not through its clamp:
+    where the clamp binds, z does not move). With ``v = x / s + z``, LSQ's regions (``v == 0`` and ``v == L`` count
+    as saturated) and ``u = -beta / s``::
 
         dy/dx    = 1 if 0 < v < L else 0
-        dy/ds    = round(v) - v inside, 0 if v <= 0, L if v >= L          (times ``grad_scale``)
-        dy/dbeta = 0 inside, 1 outside
+        dy/ds    = round(x / s) - x / s    if 0 < v < L          (times ``grad_scale``)
+                 = -z + u                  if v <= 0             (u only where z moves)
+                 = L - z + u               if v >= L
+        dy/dbeta = 0 inside, 1 saturated (0 where z is clamped)
 
-    Used for the input of a weight layer whose input is signed or not on a grid yet (GELU, SiLU, Hardswish outputs,
-    residual sums, pooling, LayerNorm, embeddings). Levels are ``code * s + beta`` (an ONNX DequantizeLinear with
-    zero point 0 followed by an Add of ``beta``).
+    The saturated outputs thus follow their end as LSQ+'s continuous ``round(clamp((x - beta) / s, 0, L)) s +
+    beta`` did (``u - z`` is the rounding of the zero point), while the output is exactly what an integer runtime
+    computes. Used for the input of a weight layer whose input is signed or not on a grid yet (GELU, SiLU,
+    Hardswish outputs, residual sums, pooling, LayerNorm, embeddings). NaN inputs give NaN and no gradient.
 
     Args:
         x: The input, any shape and floating dtype.
         scale: The step ``s``, shape ``(1,)``.
-        offset: The offset ``beta`` (the lowest level), shape ``(1,)``.
+        offset: The offset ``beta`` (the lowest level before its rounding to ``-z s``), shape ``(1,)``.
         bits: Bit width, 1..16.
         grad_scale: Factor on the step's gradient; None: ``1 / sqrt(x.numel() * L)`` (LSQ's ``g``).
         min_step: Floor of the step in the forward (straight-through).
 
     Returns:
-        The fake-quantized input, same shape and dtype as ``x``.
+        The fake-quantized input, same shape and dtype as ``x``: ``(code - z) * s`` with integer codes in ``0..L``,
+        computed in at least float32.
 
     Raises:
         ValueError: If ``bits`` is not an int in 1..16 or ``grad_scale`` is not a finite positive number.
@@ -191,5 +243,4 @@ def lsq_plus_quantize(
         grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * levels)
     elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
         raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
-    shifted = _LSQFunction.apply(x - offset.to(x.dtype), scale, 0, levels, float(grad_scale), float(min_step))
-    return shifted + offset.to(shifted.dtype)
+    return _LSQPlusFunction.apply(x, scale, offset, levels, float(grad_scale), float(min_step))
