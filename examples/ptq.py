@@ -2,8 +2,9 @@
 
 Examples:
     python examples/train.py trainer.max_epochs=8                       # a float model; note its checkpoint path
-    python examples/ptq.py model.checkpoint=<fp32.ckpt>                 # W8A4 PACT, 20 steps, no labels
-    python examples/ptq.py model.checkpoint=<fp32.ckpt> ptq.steps=50 ptq.config.act_bits=4 ptq.config.weight_bits=4
+    python examples/ptq.py model.checkpoint=<fp32.ckpt>                 # W8A4 PACT, no labels
+    python examples/ptq.py model.checkpoint=<fp32.ckpt> ptq.config.act_bits=4 ptq.config.weight_bits=4
+    python examples/ptq.py model.checkpoint=<fp32.ckpt> ptq.batchnorm=keep ptq.steps=20   # fit the clips instead
 
 The app builds the model and data from the same config groups as ``examples/train.py``, loads the float weights,
 runs :func:`lightning_quant.post_training_quantize` on training images (the labels are dropped before the loader),

@@ -9,11 +9,12 @@ paper's post-training use of the learned clip). The weights and biases never cha
 its own parameters are not in the optimizer and take no gradient. Labels are never read.
 
 Why these defaults (``benchmarks/results/ptq.md``, DemoCNN on MNIST-5k, 4 seeds, 512 calibration images):
-re-estimating BatchNorm is what closes the gap to FP32 at 4-bit activations (+0.8 to +1.6 points; the trained
+re-estimating BatchNorm is what closes the gap to FP32 at 4-bit activations (+0.9 to +1.5 points; the trained
 statistics lag the final weights, and quantization shifts every later layer's input mean and variance). After it,
-fitting the clips to the FP32 outputs (10 or 20 steps, relative rates 0.01, 0.003, 0.001) raised the MSE on the
-calibration set in 25 of 27 runs, so the values before it were put back, and the two it lowered gained no accuracy;
-with BatchNorm kept, 20 steps do help (+0.8 at W4A4). So the default is no fitting step (``steps=0``), which also
+fitting the clips to the FP32 outputs (``benchmarks/results/ptq_ablation.md``: 20 steps at relative rate 0.01, 10
+at 0.003 and at 0.001) raised the MSE on the calibration set in 20 of 24 runs, so the values before it were put
+back; the 4 it kept were W8A4 runs at the two lower rates (+0.3 to +0.5 each, +0.2 on the mean), none at W4A4. With
+BatchNorm kept, 20 steps at 0.01 help (+0.5 at W4A4). So the default is no fitting step (``steps=0``), which also
 keeps a run well under one epoch of QAT fine-tuning. The fitting loss is the final output's MSE: a per-layer loss
 (every quantized layer's output matched to the teacher's at once, normalised by its variance; BRECQ-like, though
 not one block at a time) scored lower (-0.8 points at W8A4, -0.1 at W4A4, BatchNorm kept).
@@ -162,6 +163,8 @@ def post_training_quantize(
         _calibrate(model, calibration_set, device, calibration)
         if reestimate:
             _reestimate_batchnorm(model, calibration_set, device)
+        done = "BatchNorm statistics re-estimated" if reestimate else "BatchNorm statistics kept"
+        _report(f"post-training quantization: clips calibrated on {len(calibration_set)} batches; {done}", progress)
         if steps > 0:
             with torch.no_grad():  # the teacher's outputs, once per batch: the steps only run the student
                 cached = [(batch, _call(teacher, batch, device)) for batch in calibration_set]
