@@ -139,10 +139,11 @@ def post_training_quantize(
     _check_forward(model, first, device, "model")
     if teacher is not None:
         _check_forward(teacher, first, device, "teacher")
+    calibration_set = batches.take(calibration_batches)  # a one-shot loader that runs dry is refused here
     reestimate = batchnorm == "reestimate" and _has_batchnorm(model)
     if reestimate:
-        _check_batchnorm_batch(first)
-    calibration_set = batches.take(calibration_batches)  # a one-shot loader that runs dry is refused here
+        for batch in calibration_set:
+            _check_batchnorm_batch(batch)
     if example_input is None:
         example_input = getattr(model, "example_input_array", None)
     if example_input is None:

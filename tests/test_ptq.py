@@ -218,6 +218,8 @@ class Refuses2D(nn.Module):
         ({"config": "pact"}, r"`config` must be a PACTConfig or DSQConfig.*'pact'"),
         ({"batchnorm": "reset"}, r"`batchnorm` must be one of \('reestimate', 'keep'\), got 'reset'"),
         ({"dataloader": [inputs(1)]}, r"batches of one sample \(Tensor\[1, 1, 4, 4\]\).*batchnorm='keep'"),
+        ({"dataloader": [inputs(16), inputs(1)]}, r"batches of one sample \(Tensor\[1, 1, 4, 4\]\)"),
+        ({"dataloader": iter([inputs(16)])}, r"`dataloader` yielded no batch on a second pass.*one-shot iterator"),
         (
             {"dataloader": [(torch.zeros(8, 3, 4, 4), torch.zeros(8))]},
             r"a tuple of \(Tensor\[8, 3, 4, 4\], Tensor\[8\]\)",
