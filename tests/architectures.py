@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_quant import inject_quantizers
+from lightning_quant.calibrator import ActivationCalibrator
 from lightning_quant.layers import QUANTIZED_LAYERS
 
 
@@ -94,6 +96,20 @@ def ids(n: int = 4) -> torch.Tensor:
     return torch.randint(0, 20, (n, 6))
 
 
+class TorchEncoder(nn.Module):
+    """torch's own ``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention``, a functional ReLU) on embeddings."""
+
+    def __init__(self, vocab: int = 20, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=2 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids))[:, 0])
+
+
 def gpt2(n_layer: int = 2, n_embd: int = 16, vocab: int = 50, positions: int = 16) -> nn.Module:
     """transformers' GPT2LMHeadModel from a config (random weights, no cache: one logits output)."""
     import transformers
@@ -122,6 +138,7 @@ MODELS = {
     "mobilenet_v3": (lambda: MobileNet(nn.Hardswish, squeeze=True), image),
     "efficientnet": (lambda: MobileNet(nn.SiLU, squeeze=True), image),
     "bert": (Encoder, ids),
+    "torch_encoder": (TorchEncoder, ids),
     "gpt2": (gpt2, gpt2_ids),
 }
 
@@ -146,3 +163,17 @@ def distinct_values_per_layer(model: nn.Module, x: torch.Tensor) -> dict[str, tu
     for handle in handles:
         handle.remove()
     return seen
+
+
+def quantized(name: str, config) -> tuple[nn.Module, object]:
+    """Model ``name`` (seed 0) injected with ``config`` (the dry run on a batch of 2), every range calibrated on a
+    batch of 16, in eval mode; and the plan."""
+    torch.manual_seed(0)
+    make, data = MODELS[name]
+    model = make()
+    plan = inject_quantizers(model, config, warn=False, example_input=data(2))
+    ActivationCalibrator(model, training_only=False)
+    model.eval()
+    with torch.no_grad():
+        model(data(16))
+    return model, plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from architectures import MODELS, distinct_values_per_layer, gpt2, image
+from architectures import MODELS, distinct_values_per_layer, gpt2, image, quantized
 from torch import nn
 
 from lightning_quant import DSQConfig, PACTConfig, inject_quantizers
@@ -18,19 +18,7 @@ from lightning_quant.calibrator import ActivationCalibrator
 from lightning_quant.layers import QUANTIZED_LAYERS
 
 
-def _quantized(name: str, config, example: torch.Tensor) -> nn.Module:
-    torch.manual_seed(0)
-    make, data = MODELS[name]
-    model = make()
-    inject_quantizers(model, config, warn=False, example_input=example)
-    ActivationCalibrator(model, training_only=False)
-    model.eval()
-    with torch.no_grad():
-        model(data(16))  # calibrate every range on one batch
-    return model
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"torch_encoder"}))  # its own test below
 @pytest.mark.parametrize("method", ["pact", "dsq"])
 def test_every_middle_weight_layer_reads_k_bit_inputs_and_weights(name, method):
     if name == "gpt2":
@@ -38,7 +26,7 @@ def test_every_middle_weight_layer_reads_k_bit_inputs_and_weights(name, method):
     bits = 3
     config_cls = PACTConfig if method == "pact" else DSQConfig
     make, data = MODELS[name]
-    model = _quantized(name, config_cls(act_bits=bits, weight_bits=bits), data(2))
+    model, _ = quantized(name, config_cls(act_bits=bits, weight_bits=bits))
     seen = distinct_values_per_layer(model, data(8))
     middle = {n: v for n, v in seen.items() if n not in (_first(model), _last(model))}
     assert middle, "no middle layer was called"
@@ -58,7 +46,7 @@ def _last(model: nn.Module) -> str:
 @pytest.mark.parametrize("policy", ["float", "8bit", "quantize"])
 def test_first_last_policy_on_the_inputs(policy):
     bits = 3
-    model = _quantized("efficientnet", PACTConfig(act_bits=bits, weight_bits=bits, first_last=policy), image(2))
+    model, _ = quantized("efficientnet", PACTConfig(act_bits=bits, weight_bits=bits, first_last=policy))
     seen = distinct_values_per_layer(model, image(8))
     if policy == "float":  # the first and last layers stay float: not quantized at all, their inputs included
         assert "stem" not in seen and "fc" not in seen
@@ -72,13 +60,13 @@ def test_first_last_policy_on_the_inputs(policy):
 
 
 def test_no_second_quantizer_where_a_quantized_activation_already_feeds_the_layer():
-    model = _quantized("resnet", PACTConfig(act_bits=4, weight_bits=4), image(2))
+    model, _ = quantized("resnet", PACTConfig(act_bits=4, weight_bits=4))
     # conv1 of each block reads the ReLU output (quantized by PACT): no input quantizer; conv2 reads BN-ReLU too.
     assert "input_quantizer" not in model.blocks[0].conv1._modules
     assert "input_quantizer" not in model.blocks[1].conv2._modules
     # fc reads an average pool of ReLU outputs: not on a grid, but it is the last layer (float policy).
     assert "input_quantizer" not in model.fc._modules
-    model = _quantized("mobilenet_v2", PACTConfig(act_bits=4, weight_bits=4), image(2))
+    model, _ = quantized("mobilenet_v2", PACTConfig(act_bits=4, weight_bits=4))
     # The second block's expand conv reads a residual sum: it gets one.
     assert "input_quantizer" in model.blocks[1].expand._modules
     assert "input_quantizer" not in model.blocks[1].project._modules  # ReLU6 output (PACT site) feeds it
@@ -137,3 +125,15 @@ def test_gpt2_conv1d_layers_read_k_bit_inputs_and_weights():
     # The LSQ step of a Conv1D weight (stored transposed) is per tensor here; per channel it runs along axis 1.
     layer = model.transformer.h[0].mlp.c_fc
     assert layer.weight_quantizer.channel_axis == 1
+
+
+def test_multihead_attention_projections_stay_float_with_a_warning():
+    """nn.MultiheadAttention passes its raw weights to F.multi_head_attention_forward: its projections stay float,
+    the plan names it; the encoder layer's feed-forward (after a functional ReLU) is on the grid."""
+    model, plan = quantized("torch_encoder", PACTConfig(act_bits=3, weight_bits=3))
+    assert [w for w in plan.warnings if "encoder.layers.0.self_attn (nn.MultiheadAttention)" in w]
+    layer = model.encoder.layers[0]
+    assert not isinstance(layer.self_attn.out_proj, QUANTIZED_LAYERS)
+    seen = distinct_values_per_layer(model, MODELS["torch_encoder"][1](8))
+    inputs, weights = seen["encoder.layers.0.linear2"]
+    assert 0 < inputs <= 8 and weights <= 8
