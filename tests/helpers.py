@@ -1,4 +1,4 @@
-"""Helpers shared by the kernel tests (tests/test_fused.py, tests/test_native.py)."""
+"""Helpers shared by the kernel tests (tests/test_kernels.py, tests/test_triton.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,41 @@
+"""Where each quantizer's custom op finds its kernels (see the ``functional`` package docstring).
+
+Every op has one Python reference (plain torch ops, any device and floating dtype, float64 included), which is its
+default kernel; on CPU float32 the C kernels of :mod:`.native` take over where they apply, and on CUDA the Triton
+kernels of :mod:`.triton_kernels`. PyTorch's dispatcher picks by the device of the tensors: there is no switch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """:mod:`.triton_kernels`, imported on the first CUDA call; None where triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from lightning_quant.functional import triton_kernels as module
+
+    return module
+
+
+def register_cuda(op: Any, name: str, reference: Callable[..., Any]) -> None:
+    """Make the Triton launcher ``triton_kernels.<name>`` ``op``'s CUDA kernel (the reference without triton)."""
+
+    def kernel(*args: Any) -> Any:
+        module = triton_kernels()
+        return reference(*args) if module is None else getattr(module, name)(*args)
+
+    op.register_kernel("cuda")(kernel)
+
+
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-element gradient terms are summed in before rounding: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
