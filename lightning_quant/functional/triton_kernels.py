@@ -1,0 +1,332 @@
+"""Triton kernels: the CUDA implementations of the quantizers' custom ops (one pass each way).
+
+Each launcher below is a ``torch.library.triton_op`` (``lightning_quant::<op>_triton``) that launches its kernel
+through ``torch.library.wrap_triton``, as torchao registers its Triton kernels; the ops of :mod:`.pact`,
+:mod:`.dorefa`, :mod:`.dsq` and :mod:`.lsq` call them as their CUDA kernel (:mod:`._dispatch`). Imported on first
+use only, and only where triton is installed. They take contiguous float32 tensors; other dtypes and layouts (and a
+DSQ range that is not one value per tensor) go to the torch reference, which is what the kernels are tested against.
+
+Exactness: the forwards and PACT's and DoReFa's backwards are the reference's float32 operations in its order, so
+their values are bit-identical to it (``tests/test_triton.py``, on CPU tensors in Triton's interpreter,
+``TRITON_INTERPRET=1``). Divisions are ``div_rn`` (correctly rounded; a plain ``/`` is approximate on a GPU),
+rounding half to even is ``(v + 1.5 * 2**23) - 1.5 * 2**23`` (exact for ``|v| < 2**22``; every rounded value here
+is clamped to at most ``2**16``), and kernels are launched with ``enable_fp_fusion=False`` (no fused multiply-add,
+as the C kernels are built). DSQ's backward has the C kernels' tanh (a rational fit, within a few ulp), so its
+gradients agree with the reference to float32 rounding. Per-tensor gradients (PACT's alpha, DSQ's bounds and
+temperature, LSQ's step) are summed per block in the kernel and the block sums added by one small torch sum.
+
+Launch options only on the real kernel: none of this is traced by ``torch.compile`` or ``torch.export`` (the outer
+custom ops are opaque to them, with fake implementations).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+BLOCK = 1024
+_LAUNCH = {"BLOCK": BLOCK, "enable_fp_fusion": False}
+
+
+def _grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, BLOCK),)
+
+
+def _fits(*tensors: Tensor) -> bool:
+    """Contiguous, non-empty float32 (the kernels' only dtype)."""
+    return all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors) and tensors[0].numel() > 0
+
+
+@triton.jit
+def _rint(v):
+    # Round half to even: adding 1.5 * 2**23 leaves no fraction bits, so the float adder rounds (|v| < 2**22).
+    return (v + 12582912.0) - 12582912.0
+
+
+# ------------------------------------------------------------------------------------------------ PACT
+
+
+@triton.jit
+def _pact_forward_kernel(x_ptr, q_ptr, code_ptr, params_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    a = tl.load(params_ptr)
+    scale = tl.load(params_ptr + 1)
+    step = tl.load(params_ptr + 2)
+    y = tl.where(x < 0.0, 0.0, x)  # comparisons, not min/max: NaN passes as in torch.clamp
+    y = tl.where(y > a, a, y)
+    tl.store(q_ptr + offs, _rint(y * scale) * step, mask=mask)
+    code = tl.where(x >= a, 2, tl.where(x >= 0.0, 1, 0))
+    tl.store(code_ptr + offs, code.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _pact_backward_kernel(g_ptr, code_ptr, gx_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    code = tl.load(code_ptr + offs, mask=mask, other=0)
+    # Products, not selects: g * 0 is NaN for an infinite g, as in torch.
+    tl.store(gx_ptr + offs, g * tl.where(code == 1, 1.0, 0.0), mask=mask)
+    terms = (g * tl.where(code == 2, 1.0, 0.0)).to(tl.float64)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(terms, axis=0))
+
+
+@triton_op("lightning_quant::pact_forward_triton", mutates_args={})
+def pact_forward(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tuple[Tensor, Tensor]:
+    from lightning_quant.functional.pact import clip_and_scales, pact_forward_reference
+
+    if not _fits(x) or alpha.numel() != 1:
+        return pact_forward_reference(x, alpha, levels, min_alpha)
+    params = torch.stack(clip_and_scales(x, alpha, levels, min_alpha))  # on the device: no sync
+    q, code = torch.empty_like(x), torch.empty_like(x, dtype=torch.int8)
+    wrap_triton(_pact_forward_kernel)[_grid(x.numel())](x, q, code, params, x.numel(), **_LAUNCH)
+    return q, code
+
+
+@triton_op("lightning_quant::pact_backward_triton", mutates_args={})
+def pact_backward(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+    from lightning_quant.functional.pact import pact_backward_reference
+
+    grad = grad.contiguous()
+    if not _fits(grad) or not code.is_contiguous():
+        return pact_backward_reference(grad, code)
+    grad_x = torch.empty_like(grad)
+    partial = grad.new_empty(_grid(grad.numel()), dtype=torch.float64)
+    wrap_triton(_pact_backward_kernel)[_grid(grad.numel())](grad, code, grad_x, partial, grad.numel(), **_LAUNCH)
+    return grad_x, partial.sum().float()
+
+
+# ------------------------------------------------------------------------------------------------ DoReFa
+
+
+@triton.jit
+def _dorefa_forward_kernel(t_ptr, out_ptr, d_ptr, levels, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    t = tl.load(t_ptr + offs, mask=mask)
+    d = tl.load(d_ptr)
+    r = _rint((tl.math.div_rn(t, d) + 0.5) * levels)
+    tl.store(out_ptr + offs, 2.0 * tl.math.div_rn(r, levels) - 1.0, mask=mask)
+
+
+@triton.jit
+def _dorefa_sums_kernel(g_ptr, t_ptr, params_ptr, partial_ptr, count_ptr, levels, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(params_ptr)
+    d = tl.load(params_ptr + 1)
+    g_r = tl.math.div_rn(g * 2.0, levels) * levels
+    terms = -g_r * tl.math.div_rn(tl.math.div_rn(t, d), d)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(terms.to(tl.float64), axis=0))
+    tl.store(count_ptr + tl.program_id(0), tl.sum(tl.where(mask & (tl.abs(t) == m), 1, 0), axis=0))
+
+
+@triton.jit
+def _dorefa_backward_kernel(g_ptr, t_ptr, params_ptr, gt_ptr, levels, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask)
+    t = tl.load(t_ptr + offs, mask=mask)
+    m = tl.load(params_ptr)
+    d = tl.load(params_ptr + 1)
+    share = tl.load(params_ptr + 2)
+    g_r = tl.math.div_rn(g * 2.0, levels) * levels
+    sgn = tl.where(t > 0.0, 1.0, tl.where(t < 0.0, -1.0, 0.0))
+    tl.store(gt_ptr + offs, tl.math.div_rn(g_r, d) + tl.where(tl.abs(t) == m, share, 0.0) * sgn, mask=mask)
+
+
+@triton_op("lightning_quant::dorefa_forward_triton", mutates_args={})
+def dorefa_forward(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    from lightning_quant.functional.dorefa import dorefa_forward_reference
+
+    if not _fits(t):
+        return dorefa_forward_reference(t, levels)
+    m = t.abs().max()  # a reduction first (torch's), then one elementwise pass
+    d = 2 * m.clamp_min(torch.finfo(t.dtype).tiny)
+    out = torch.empty_like(t)
+    wrap_triton(_dorefa_forward_kernel)[_grid(t.numel())](t, out, d, float(levels), t.numel(), **_LAUNCH)
+    return out, m, d
+
+
+@triton_op("lightning_quant::dorefa_backward_triton", mutates_args={})
+def dorefa_backward(grad: Tensor, t: Tensor, m: Tensor, d: Tensor, levels: int) -> Tensor:
+    from lightning_quant.functional.dorefa import dorefa_backward_reference
+
+    grad = grad.contiguous()
+    if not _fits(grad, t):
+        return dorefa_backward_reference(grad, t, m, d, levels)
+    n, blocks = t.numel(), _grid(t.numel())
+    partial = t.new_empty(blocks, dtype=torch.float64)
+    count = t.new_empty(blocks, dtype=torch.int32)
+    params = torch.stack([m, d])
+    wrap_triton(_dorefa_sums_kernel)[blocks](grad, t, params, partial, count, float(levels), n, **_LAUNCH)
+    g_d = partial.sum().float()
+    g_m = torch.where(m >= torch.finfo(t.dtype).tiny, g_d * 2, torch.zeros_like(g_d))
+    params = torch.stack([m, d, g_m / count.sum()])
+    g_t = torch.empty_like(t)
+    wrap_triton(_dorefa_backward_kernel)[blocks](grad, t, params, g_t, float(levels), n, **_LAUNCH)
+    return g_t
+
+
+# ------------------------------------------------------------------------------------------------ DSQ
+
+
+@triton.jit
+def _dsq_activation(v, ACTIVATION: tl.constexpr):
+    # 0 none, 1 ReLU, 2 ReLU6, as comparisons (NaN passes).
+    if ACTIVATION == 1:
+        v = tl.where(v < 0.0, 0.0, v)
+    if ACTIVATION == 2:
+        v = tl.where(v < 0.0, 0.0, tl.where(v > 6.0, 6.0, v))
+    return v
+
+
+@triton.jit
+def _dsq_forward_kernel(x_ptr, q_ptr, params_ptr, n, nlev, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    r = _dsq_activation(tl.load(x_ptr + offs, mask=mask), ACTIVATION)
+    lo = tl.load(params_ptr)
+    up = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    m = tl.where(r < lo, lo, r)
+    m = tl.where(m > up, up, m)
+    idx = _rint(tl.math.div_rn(m - lo, delta))
+    idx = tl.where(idx < 0.0, 0.0, tl.where(idx > nlev, nlev, idx))
+    tl.store(q_ptr + offs, tl.where(idx >= nlev, up, lo + idx * delta), mask=mask)
+
+
+@triton.jit
+def _tanh(x):
+    # The C kernels' tanh (Eigen's float rational fit on [-7.9, 7.9]; DSQ's argument stays within 7.3).
+    x2 = x * x
+    p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
+    p = x2 * p + -8.60467152213735e-11
+    p = x2 * p + 5.12229709037114e-08
+    p = x2 * p + 1.48572235717979e-05
+    p = x2 * p + 6.37261928875436e-04
+    p = x2 * p + 4.89352455891786e-03
+    q = x2 * 1.19825839466702e-06 + 1.18534705686654e-04
+    q = x2 * q + 2.26843463243900e-03
+    q = x2 * q + 4.89352518554385e-03
+    return x * p / q
+
+
+@triton.jit
+def _dsq_backward_kernel(
+    x_ptr, g_ptr, gx_ptr, params_ptr, partial_ptr, n, nlev, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    v = tl.load(x_ptr + offs, mask=mask, other=float("nan"))  # NaN: outside the range, contributes nothing
+    go = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    lo = tl.load(params_ptr)
+    up = tl.load(params_ptr + 1)
+    delta = tl.load(params_ptr + 2)
+    c = tl.load(params_ptr + 3)
+    half_tanh = tl.load(params_ptr + 4)
+    ratio = tl.load(params_ptr + 5)
+    small = tl.load(params_ptr + 6)  # 1.0 where c is below the series threshold
+    r = _dsq_activation(v, ACTIVATION)
+    inside = (r >= lo) & (r <= up)
+    t = tl.math.div_rn(tl.where(inside, r, lo) - lo, delta)
+    bin = tl.minimum(tl.floor(t), nlev - 1.0)
+    y = t - bin - 0.5
+    u = c * y
+    th = _tanh(u)
+    sech2 = 1.0 - th * th
+    g = th * (0.5 / half_tanh)
+    slope = sech2 * (0.5 * c / half_tanh)
+    d_up = ((g - y) + t * (1.0 - slope)) / nlev
+    if ACTIVATION == 0:
+        passes = inside
+    elif ACTIVATION == 1:
+        passes = inside & (v > 0.0)
+    else:
+        passes = inside & (v > 0.0) & (v < 6.0)
+    tl.store(gx_ptr + offs, tl.where(passes, go * slope, 0.0), mask=mask)
+    sum_u = tl.sum(tl.where(inside, go * d_up, tl.where(r > up, go, 0.0)), axis=0)
+    sum_l = tl.sum(tl.where(inside, go * ((1.0 - slope) - d_up), tl.where(r < lo, go, 0.0)), axis=0)
+    # d g / d c: (h(2u) - h(c)) * g / c with h(z) = z / sinh(z) = u * sech^2(u) / tanh(u) at z = 2u, or its series.
+    h = tl.where(th == 0.0, 1.0, u * sech2 / th)
+    y2 = y * y
+    series = (1.0 - 4.0 * y2) / 6.0 - c * c * (1.0 - 16.0 * y2 * y2) * (7.0 / 360.0)
+    series += c * c * c * c * (1.0 - 64.0 * y2 * y2 * y2) * (31.0 / 15120.0)
+    dg_dc = tl.where(small > 0.5, g * (c * series), g * (h - ratio) / c)
+    sum_a = tl.sum(tl.where(inside, go * dg_dc, 0.0), axis=0)
+    pid = tl.program_id(0)
+    tl.store(partial_ptr + 3 * pid, sum_l.to(tl.float64))
+    tl.store(partial_ptr + 3 * pid + 1, sum_u.to(tl.float64))
+    tl.store(partial_ptr + 3 * pid + 2, sum_a.to(tl.float64))
+
+
+def _dsq_params(lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float) -> tuple[Tensor, ...]:
+    """The range and sharpness as 0-d float32 tensors on the device (the reference's helpers: no sync)."""
+    from lightning_quant.functional.dsq import _SERIES_C, _dc_dalpha, _range, _sharpness
+
+    lo, up, al = lower.reshape(()), upper.reshape(()), alpha.reshape(())
+    up_eff, delta = _range(lo, up, 2**bits - 1, min_width)
+    a, c = _sharpness(al)
+    small = c < _SERIES_C[torch.float32]
+    ratio = torch.where(small, torch.zeros_like(c), c / torch.sinh(c))
+    return lo, up_eff, delta, c, torch.tanh(0.5 * c), ratio, small.float(), _dc_dalpha(al, a)
+
+
+def _dsq_fits(x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor) -> bool:
+    bounds = (lower, upper, alpha)
+    return _fits(x, *bounds) and all(b.numel() == 1 and b.dim() <= x.dim() for b in bounds)
+
+
+@triton_op("lightning_quant::dsq_forward_triton", mutates_args={})
+def dsq_forward(
+    x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float, activation: int
+) -> Tensor:
+    from lightning_quant.functional.dsq import dsq_forward_reference
+
+    if not _dsq_fits(x, lower, upper, alpha):
+        return dsq_forward_reference(x, lower, upper, alpha, bits, min_width, activation)
+    params = torch.stack(_dsq_params(lower, upper, alpha, bits, min_width)[:3])
+    q = torch.empty_like(x)
+    launch = wrap_triton(_dsq_forward_kernel)[_grid(x.numel())]
+    launch(x, q, params, x.numel(), float(2**bits - 1), ACTIVATION=activation, **_LAUNCH)
+    return q
+
+
+@triton_op("lightning_quant::dsq_backward_triton", mutates_args={})
+def dsq_backward(
+    grad: Tensor,
+    x: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    alpha: Tensor,
+    bits: int,
+    min_width: float,
+    activation: int,
+    need_lower: bool,
+    need_alpha: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from lightning_quant.functional.dsq import dsq_backward_reference
+
+    grad = grad.contiguous()
+    if not _dsq_fits(x, lower, upper, alpha) or grad.shape != x.shape or grad.dtype != torch.float32:
+        args = (bits, min_width, activation, need_lower, need_alpha)
+        return dsq_backward_reference(grad, x, lower, upper, alpha, *args)
+    *scalars, dc_dalpha = _dsq_params(lower, upper, alpha, bits, min_width)
+    grad_x = torch.empty_like(x)
+    blocks = _grid(x.numel())
+    partial = x.new_empty((blocks[0], 3), dtype=torch.float64)
+    launch = wrap_triton(_dsq_backward_kernel)[blocks]
+    launch(
+        x, grad, grad_x, torch.stack(scalars), partial, x.numel(), float(2**bits - 1), ACTIVATION=activation, **_LAUNCH
+    )
+    grad_l, grad_u, sum_a = partial.sum(dim=0).float().unbind()
+    grad_a = sum_a * scalars[2] * dc_dalpha
+    # Separate tensors: a custom op's outputs may not be views of one another.
+    return grad_x, grad_l.reshape(lower.shape).clone(), grad_u.reshape(upper.shape).clone(), grad_a.reshape(alpha.shape)
