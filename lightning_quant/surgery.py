@@ -11,7 +11,8 @@
   (same object, same ``weight``/``bias`` Parameters), so parameter names and every reference stay valid;
 * gives each new quantizer the trainability of the layer it belongs to: a weight quantizer that of its layer's
   weight, an activation quantizer that of the module that calls it (a frozen backbone keeps frozen clips);
-* leaves alone what ``skip`` names, and applies the first/last-layer policy in module registration order;
+* leaves alone what ``skip`` names, and applies the first/last-layer policy in execution order, found by a dry run
+  on the example input (module registration order without one);
 * warns, naming the class and line, about functional activations (``F.relu``) that can not be swapped.
 
 The model remembers its recipe in a uint8 buffer ``lightning_quant_recipe`` (its JSON text), which makes injection
@@ -548,6 +549,166 @@ def _place_input_quantizers(
         entry.input_bits, entry.input_note = bits, type(quantizer).__name__
 
 
+@dataclass
+class _Edges:
+    """Where the first/last-layer policy applies: found by a dry run (execution order) or by registration order."""
+
+    order: str
+    first_weight: str | None
+    last_weight: str | None
+    of_site: dict[tuple[str, int], str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _find_edges(
+    model: nn.Module,
+    slots: list[tuple[str, nn.Module, str, nn.Module]],
+    activation_slots: list[tuple[str, int]],
+    weight_names: list[str],
+    example_input: Any,
+) -> _Edges:
+    """The first and last weight layers and each activation site's edge, by execution order when a dry run works."""
+    if example_input is not None:
+        try:
+            found = _edges_by_execution(_execution_order(model, activation_slots, weight_names, example_input))
+        except Exception as err:  # a dry run that fails must not stop training: fall back, and say so
+            edges = _registration_edges(slots, activation_slots, weight_names)
+            edges.warnings.append(
+                f"{type(model).__name__}: the dry run on example_input failed ({err!r}); first/last layers follow"
+                " registration order instead."
+            )
+            return edges
+        if found is not None:
+            return _Edges("execution", *found)
+    return _registration_edges(slots, activation_slots, weight_names)
+
+
+def _registration_edges(
+    slots: list[tuple[str, nn.Module, str, nn.Module]], activation_slots: list[tuple[str, int]], weight_names: list[str]
+) -> _Edges:
+    """The fallback without a dry run: modules registered after the second-to-last weight layer feed the last one."""
+    first_weight = weight_names[0] if weight_names else None
+    last_weight = weight_names[-1] if weight_names else None
+    order = {name: i for i, (name, *_rest) in enumerate(slots)}
+    last_input_from = order[weight_names[-2]] if len(weight_names) >= 2 else -1
+    first_order = order[first_weight] if first_weight else -1
+    of_site: dict[tuple[str, int], str] = {}
+    for name, sites in activation_slots:
+        edge = ""
+        if order[name] > last_input_from >= 0:
+            edge = "feeds the last layer"
+        elif order[name] < first_order:
+            edge = "before the first layer"
+        for site in range(sites):
+            of_site[(name, site)] = edge
+    return _Edges("registration", first_weight, last_weight, of_site)
+
+
+def _policy_bits(config: QuantConfig, bits: int | None, edge: str) -> tuple[int | None, str]:
+    """The bits the first/last policy gives a place at ``edge`` (``""``: a middle place), and the reason if changed."""
+    if bits is not None and edge == "after the last layer":  # nothing after the last weight layer is quantized
+        return None, edge
+    if bits is None or not edge or config.first_last == "quantize":
+        return bits, ""
+    if config.first_last == "8bit":
+        return max(bits, 8), edge
+    return None, edge
+
+
+def _swap_activation(
+    config: QuantConfig, slot: tuple[str, nn.Module, str, nn.Module], sites: int, edges: _Edges, trainable_caller: bool
+) -> PlanEntry:
+    """Replace one activation slot by its quantizer (unless every site stays float); return its plan row."""
+    name, parent, attr, child = slot
+    per_site = [_policy_bits(config, config.act_bits, edges.of_site.get((name, site), "")) for site in range(sites)]
+    site_bits = [bits for bits, _ in per_site]
+    reasons = sorted({reason for _, reason in per_site if reason})
+    reason = "; ".join(f"site {i}: {r}" for i, (_, r) in enumerate(per_site) if r) if sites > 1 else ""
+    reason = reason or (reasons[0] if reasons else "")
+    if all(bits is None for bits in site_bits):
+        return PlanEntry(name, "activation", None, sites, reason=reason or "act_bits=None")
+    mixed = len(set(site_bits)) > 1
+    bits = max(b for b in site_bits if b is not None)
+    quantizer = config.make_activation(child, sites, bits).train(child.training)
+    if not trainable_caller:  # never switch on what the quantizer keeps fixed
+        quantizer.requires_grad_(False)
+    if mixed:
+        quantizer.set_site_bits(site_bits)
+    setattr(parent, attr, quantizer)
+    return PlanEntry(
+        name, "activation", bits, sites, type(quantizer).__name__, reason, site_bits=site_bits if mixed else None
+    )
+
+
+def _swap_weight(config: QuantConfig, name: str, layer: nn.Module, edges: _Edges) -> PlanEntry:
+    """Turn one weight layer into its quantized twin in place (unless the policy keeps it float); its plan row."""
+    edge = "first layer" if name == edges.first_weight else "last layer" if name == edges.last_weight else ""
+    bits, reason = _policy_bits(config, config.weight_bits, edge)
+    if bits is None:
+        return PlanEntry(name, "weight", None, reason=reason or "weight_bits=None")
+    weight_quantizer = config.make_weight(layer, name, bits).train(layer.training)
+    if not layer.weight.requires_grad:
+        weight_quantizer.requires_grad_(False)
+    swap_layer(layer, weight_quantizer)  # in place: the layer object stays where it is
+    return PlanEntry(name, "weight", bits, 1, type(weight_quantizer).__name__, reason)
+
+
+def _swap_all(model: nn.Module, config: QuantConfig, slots: list, edges: _Edges) -> QuantizationPlan:
+    """Swap every activation slot and weight layer the recipe covers, in slot order; the plan of what was done."""
+    trainable = _trainability(model)  # read before the swap adds quantizers (trainable by default)
+    plan = QuantizationPlan(order=edges.order, warnings=list(edges.warnings))
+    twins: dict[int, PlanEntry] = {}
+    reset_hooks: dict[int, tuple[nn.Module, list[str]]] = {}
+    for slot in slots:
+        name, parent, attr, child = slot
+        if type(child) in config.activation_types:
+            if isinstance(parent, ActivationQuantizer):
+                continue
+            if _skipped(name, config.skip):
+                plan.entries.append(PlanEntry(name, "activation", None, reason="skip"))
+                continue
+            sites = _activation_sites(parent, attr)
+            entry = _swap_activation(config, slot, sites, edges, _caller_trainable(name, trainable))
+            if entry.bits is not None and sites > 1:
+                reset_hooks.setdefault(id(parent), (parent, []))[1].append(attr)
+        elif id(child) in twins:  # a layer shared by two slots stays one layer, quantized once
+            first = twins[id(child)]
+            entry = PlanEntry(name, "weight", first.bits, 1, first.quantizer, first.reason)
+        elif _is_weight_target(child, config):
+            skipped = _skipped(name, config.skip)
+            entry = (
+                PlanEntry(name, "weight", None, reason="skip") if skipped else _swap_weight(config, name, child, edges)
+            )
+            if entry.bits is not None:
+                twins[id(child)] = entry
+        elif isinstance(child, QUANTIZED_LAYERS) or isinstance(child, ActivationQuantizer):
+            raise ValueError(f"{name} already holds a quantizer but {type(model).__name__} carries no recipe.")
+        else:
+            continue
+        plan.entries.append(entry)
+    for parent, attrs in reset_hooks.values():
+        parent.register_forward_pre_hook(ResetCallSites(attrs))
+    return plan
+
+
+def _activation_sites(parent: nn.Module, attr: str) -> int:
+    """How many call sites an activation slot has: one in a container, else the calls in the parent's source."""
+    return 1 if isinstance(parent, _CONTAINERS) else (count_call_sites(parent, attr) or 1)
+
+
+def _existing_plan(model: nn.Module, recipe: dict[str, Any]) -> QuantizationPlan | None:
+    """The plan of a model already injected with ``recipe`` (injection is idempotent); raise for another recipe."""
+    existing = injected_recipe(model)
+    if existing is None:
+        return None
+    if existing["config"] != recipe:
+        raise ValueError(
+            f"{type(model).__name__} already holds quantizers of recipe {existing['config']}; it can not take"
+            f" {recipe} as well. Build a fresh model for another recipe."
+        )
+    return QuantizationPlan.from_dict(existing["plan"])
+
+
 def inject_quantizers(
     model: nn.Module,
     config: QuantConfig,
@@ -578,144 +739,38 @@ def inject_quantizers(
             left to quantize.
     """
     recipe = _normalized(config.to_dict())
-    existing = injected_recipe(model)
+    existing = _existing_plan(model, recipe)
     if existing is not None:
-        if existing["config"] != recipe:
-            raise ValueError(
-                f"{type(model).__name__} already holds quantizers of recipe {existing['config']}; it can not take"
-                f" {recipe} as well. Build a fresh model for another recipe."
-            )
-        return QuantizationPlan.from_dict(existing["plan"])
-
+        return existing
     _check_skip(model, config.skip)
-    # Read before the swap: afterwards the model also holds this package's own modules.
-    functional = find_functional_activations(model)
+    functional = find_functional_activations(model)  # read before the swap adds this package's own modules
     slots = _slots(model)
-    trainable = _trainability(model)  # read before the swap adds quantizers (trainable by default)
-    weight_slots = [s for s in slots if _is_weight_target(s[3], config)]
-    weight_names = [s[0] for s in weight_slots]
+    weight_names = [name for name, *_rest, child in slots if _is_weight_target(child, config)]
     activation_slots = [
-        (name, 1 if isinstance(parent, _CONTAINERS) else (count_call_sites(parent, attr) or 1))
+        (name, _activation_sites(parent, attr))
         for name, parent, attr, child in slots
         if type(child) in config.activation_types and not isinstance(parent, ActivationQuantizer)
     ]
-    sites_of = dict(activation_slots)
-
-    order_used = "registration"
-    dry_run_warnings: list[str] = []
-    edges_of: dict[tuple[str, int], str] = {}
-    first_weight = weight_names[0] if weight_names else None
-    last_weight = weight_names[-1] if weight_names else None
-    if example_input is not None:
-        found = None
-        try:
-            found = _edges_by_execution(_execution_order(model, activation_slots, weight_names, example_input))
-        except Exception as err:  # a dry run that fails must not stop training: fall back, and say so
-            dry_run_warnings.append(
-                f"{type(model).__name__}: the dry run on example_input failed ({err!r}); first/last layers follow"
-                " registration order instead."
-            )
-        if found is not None:
-            first_weight, last_weight, edges_of = found
-            order_used = "execution"
-    if order_used == "registration":
-        order = {name: i for i, (name, *_rest) in enumerate(slots)}
-        # Activations registered after the second-to-last weight layer feed the last layer.
-        last_input_from = order[weight_names[-2]] if len(weight_names) >= 2 else -1
-        first_order = order[first_weight] if first_weight else -1
-        for name, sites in activation_slots:
-            edge = ""
-            if order[name] > last_input_from >= 0:
-                edge = "feeds the last layer"
-            elif order[name] < first_order:
-                edge = "before the first layer"
-            for site in range(sites):
-                edges_of[(name, site)] = edge
-
-    def policy_bits(bits: int | None, edge: str) -> tuple[int | None, str]:
-        if bits is not None and edge == "after the last layer":  # nothing after the last weight layer is quantized
-            return None, edge
-        if bits is None or not edge or config.first_last == "quantize":
-            return bits, ""
-        if config.first_last == "8bit":
-            return max(bits, 8), edge
-        return None, edge
-
-    plan = QuantizationPlan(order=order_used)
-    plan.warnings.extend(dry_run_warnings)
-    twins: dict[int, PlanEntry] = {}
-    reset_hooks: dict[int, tuple[nn.Module, list[str]]] = {}
-    for name, parent, attr, child in slots:
-        if isinstance(child, config.activation_types) and type(child) in config.activation_types:
-            if isinstance(parent, ActivationQuantizer):
-                continue
-            if _skipped(name, config.skip):
-                plan.entries.append(PlanEntry(name, "activation", None, reason="skip"))
-                continue
-            sites = sites_of[name]
-            per_site = [policy_bits(config.act_bits, edges_of.get((name, site), "")) for site in range(sites)]
-            site_bits = [bits for bits, _ in per_site]
-            reasons = sorted({reason for _, reason in per_site if reason})
-            reason = "; ".join(f"site {i}: {r}" for i, (_, r) in enumerate(per_site) if r) if sites > 1 else ""
-            reason = reason or (reasons[0] if reasons else "")
-            if all(bits is None for bits in site_bits):
-                plan.entries.append(PlanEntry(name, "activation", None, sites, reason=reason or "act_bits=None"))
-                continue
-            mixed = len(set(site_bits)) > 1
-            bits = max(b for b in site_bits if b is not None)
-            quantizer = config.make_activation(child, sites, bits).train(child.training)
-            if not _caller_trainable(name, trainable):  # never switch on what the quantizer keeps fixed
-                quantizer.requires_grad_(False)
-            if mixed:
-                quantizer.set_site_bits(site_bits)
-            setattr(parent, attr, quantizer)
-            entry_bits = bits
-            plan.entries.append(
-                PlanEntry(
-                    name,
-                    "activation",
-                    entry_bits,
-                    sites,
-                    type(quantizer).__name__,
-                    reason,
-                    site_bits=site_bits if mixed else None,
-                )
-            )
-            if sites > 1:
-                reset_hooks.setdefault(id(parent), (parent, []))[1].append(attr)
-        elif id(child) in twins:  # a layer shared by two slots stays one layer, quantized once
-            first = twins[id(child)]
-            plan.entries.append(PlanEntry(name, "weight", first.bits, 1, first.quantizer, first.reason))
-        elif _is_weight_target(child, config):
-            if _skipped(name, config.skip):
-                plan.entries.append(PlanEntry(name, "weight", None, reason="skip"))
-                continue
-            edge = "first layer" if name == first_weight else "last layer" if name == last_weight else ""
-            bits, reason = policy_bits(config.weight_bits, edge)
-            if bits is None:
-                plan.entries.append(PlanEntry(name, "weight", None, reason=reason or "weight_bits=None"))
-                continue
-            weight_quantizer = config.make_weight(child, name, bits).train(child.training)
-            if not child.weight.requires_grad:
-                weight_quantizer.requires_grad_(False)
-            swap_layer(child, weight_quantizer)  # in place: the layer object stays where it is
-            twins[id(child)] = PlanEntry(name, "weight", bits, 1, type(weight_quantizer).__name__, reason)
-            plan.entries.append(twins[id(child)])
-        elif isinstance(child, QUANTIZED_LAYERS) or isinstance(child, ActivationQuantizer):
-            raise ValueError(f"{name} already holds a quantizer but {type(model).__name__} carries no recipe.")
-
-    for parent, attrs in reset_hooks.values():
-        parent.register_forward_pre_hook(ResetCallSites(attrs))
+    edges = _find_edges(model, slots, activation_slots, weight_names, example_input)
+    plan = _swap_all(model, config, slots, edges)
     if config.act_bits is not None and config.quantize_inputs and config.make_input(config.act_bits) is not None:
         edge_bits = {
-            name: policy_bits(config.act_bits, edge)
-            for name, edge in ((first_weight, "first layer"), (last_weight, "last layer"))
+            name: _policy_bits(config, config.act_bits, edge)
+            for name, edge in ((edges.first_weight, "first layer"), (edges.last_weight, "last layer"))
             if name is not None
         }
         saved = None if saved_plan is None else {e.name: (e.input_bits, e.input_note) for e in saved_plan.entries}
         _place_input_quantizers(model, config, plan, example_input, edge_bits, saved)
     _disable_fused_paths(model, plan)
+    _finish_plan(model, config, plan, functional, warn)
+    _attach_recipe(model, {"config": recipe, "plan": plan.to_dict()})
+    return plan
 
+
+def _finish_plan(
+    model: nn.Module, config: QuantConfig, plan: QuantizationPlan, functional: list[str], warn: bool
+) -> None:
+    """Add the functional-activation warnings, refuse a plan that quantizes nothing, and emit the warnings."""
     plan.warnings.extend(
         f"{type(model).__name__}: {where}; functional activations can not be swapped and stay float. Use"
         " nn.ReLU / nn.ReLU6 modules to quantize them."
@@ -729,9 +784,7 @@ def inject_quantizers(
         )
     if warn:
         for message in plan.warnings:
-            warnings.warn(message, UserWarning, stacklevel=2)
-    _attach_recipe(model, {"config": recipe, "plan": plan.to_dict()})
-    return plan
+            warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _disable_fused_paths(model: nn.Module, plan: QuantizationPlan) -> None:
