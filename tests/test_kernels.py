@@ -31,6 +31,7 @@ from lightning_quant.functional.dsq import (
     dsq_forward_reference,
     dsq_quantize,
 )
+from lightning_quant.functional.lsq import lsq_backward, lsq_forward
 from lightning_quant.functional.pact import (
     pact_backward,
     pact_backward_reference,
@@ -210,10 +211,15 @@ def _opcheck_cases() -> list[tuple[object, tuple]]:
         (dorefa_backward, (torch.randn(4, 3), t, m, d, 7)),
         (dsq_forward, (x.clone().requires_grad_(True), lo, up.clone().requires_grad_(True), al, 4, 1e-8, 1)),
         (dsq_backward, (torch.randn(3, 5), x, lo, up, al.detach(), 4, 1e-8, 0, True, True)),
+        (
+            lsq_forward,
+            (x.clone().requires_grad_(True), torch.tensor([[0.3], [0.2], [0.5]], requires_grad=True), 8, 7, 0.1, 1e-6),
+        ),
+        (lsq_backward, (torch.randn(3, 5), x / 0.3, torch.tensor([[0.3], [0.2], [0.5]]), 8, 7, 0.1)),
     ]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(8))
 def test_ops_pass_opcheck(index: int) -> None:
     # Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.library documents.
     op, args = _opcheck_cases()[index]
@@ -327,7 +333,7 @@ def test_export_matches_eager(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(net, (x,))
-    if name not in ("quant_noise", "lsq+lsq_plus"):  # QuantNoise is plain torch ops: nothing of ours in the graph
+    if name != "quant_noise":  # QuantNoise is plain torch ops: nothing of ours in the graph
         targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
         assert any(t.startswith("lightning_quant.") for t in targets), targets
     with torch.no_grad():

@@ -20,6 +20,7 @@ from helpers import assert_same, dorefa_input, pact_input
 
 from lightning_quant.functional.dorefa import dorefa_backward_reference, dorefa_forward_reference
 from lightning_quant.functional.dsq import dsq_backward_reference, dsq_forward_reference
+from lightning_quant.functional.lsq import lsq_backward_reference, lsq_forward_reference
 from lightning_quant.functional.pact import pact_backward_reference, pact_forward_reference
 
 pytest.importorskip("triton")
@@ -104,3 +105,24 @@ def test_dsq_forward_is_bit_identical_and_gradients_agree(bits: int, alpha: floa
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@interpreted
+@pytest.mark.parametrize("step_shape", [(1,), (6, 1, 1, 1)])
+def test_lsq_is_bit_identical_to_the_reference(step_shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(len(step_shape))
+    w = torch.randn(6, 5, 7, 11, generator=g) * 0.3  # 385 weights per channel: one partial block each
+    w.view(-1)[:3] = torch.tensor([float("nan"), 0.0, -0.0])
+    step = torch.rand(step_shape, generator=g) * 0.05 + 0.02
+    step.view(-1)[0] = 1e-9  # below the floor: the forward uses min_step
+    w.view(-1)[5:7] = torch.tensor([1.0, -1.0])  # far outside the grid: saturated at Qp and -Qn
+    grad = torch.randn(w.shape, generator=g)
+    args = (8, 7, 0.01, 1e-6)
+    out, v = tk.lsq_forward(w, step, *args)
+    out_ref, v_ref = lsq_forward_reference(w, step, *args)
+    assert_same(out, out_ref)
+    assert_same(v, v_ref)
+    for got, want in zip(
+        tk.lsq_backward(grad, v, step, 8, 7, 0.01), lsq_backward_reference(grad, v_ref, step, 8, 7, 0.01)
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)  # float64 sums in another order, then rounded

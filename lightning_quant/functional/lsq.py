@@ -36,6 +36,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_quant.functional._dispatch import register_cuda
+
 
 def lsq_range(bits: int, narrow: bool = False) -> tuple[int, int]:
     """The LSQ integer range ``(Qn, Qp)``: codes lie in ``[-Qn, Qp]``.
@@ -80,37 +82,78 @@ def _check_step_shape(step: Tensor, w: Tensor) -> None:
         raise ValueError(f"`step` must broadcast to the weight's shape {tuple(w.shape)}, got {tuple(step.shape)}.")
 
 
-class _LSQFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> Tensor:
-        # At least float32: a float32 step divided in bf16/fp16 would lose most of its bits.
-        ct = torch.promote_types(torch.promote_types(w.dtype, step.dtype), torch.float32)
-        s = step.detach().to(ct).clamp_min(min_step)
-        v = w.detach().to(ct) / s
-        out = torch.round(torch.clamp(v, -qn, qp)) * s
-        ctx.save_for_backward(v)
-        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
-        ctx.w_dtype, ctx.step_shape, ctx.step_dtype = w.dtype, step.shape, step.dtype
-        return out.to(w.dtype)
+def lsq_forward_reference(
+    w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor]:
+    """The quantized ``w`` (in its dtype) and ``v = w / s`` in the compute dtype (at least float32), in torch ops.
+    (``grad_scale`` is the backward's; an input here so the autograd registration can read it.)"""
+    # At least float32: a float32 step divided in bf16/fp16 would lose most of its bits.
+    ct = torch.promote_types(torch.promote_types(w.dtype, step.dtype), torch.float32)
+    s = step.to(ct).clamp_min(min_step)
+    v = w.to(ct) / s
+    return (torch.round(torch.clamp(v, -qn, qp)) * s).to(w.dtype), v
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
-        (v,) = ctx.saved_tensors
-        qn, qp = ctx.qn, ctx.qp
-        # NaN compares false everywhere, so a NaN weight is in none of the three regions: no gradient at all.
-        inside = (v > -qn) & (v < qp)
-        grad_w = grad_step = None
-        if ctx.needs_input_grad[0]:
-            grad_w = (grad * inside.to(grad.dtype)).to(ctx.w_dtype)
-        if ctx.needs_input_grad[1]:
-            zero = torch.zeros((), dtype=v.dtype, device=v.device)
-            ds = torch.where(inside, torch.round(v) - v, torch.where(v <= -qn, -float(qn), zero))
-            ds = torch.where(v >= qp, float(qp), ds)
-            terms = grad.to(torch.float64) * ds.to(torch.float64)
-            dims = _reduce_dims(ctx.step_shape, v.shape)
-            total = terms.sum(dim=dims, keepdim=True) if dims else terms
-            grad_step = (total * ctx.grad_scale).reshape(ctx.step_shape).to(ctx.step_dtype)
-        return grad_w, grad_step, None, None, None, None
+
+def lsq_backward_reference(
+    grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float
+) -> tuple[Tensor, Tensor]:
+    """The gradients of ``w`` and of the step (summed in float64 over the weights sharing it, times ``grad_scale``)."""
+    # NaN compares false everywhere, so a NaN weight is in none of the three regions: no gradient at all.
+    inside = (v > -qn) & (v < qp)
+    grad_w = grad * inside.to(grad.dtype)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    ds = torch.where(inside, torch.round(v) - v, torch.where(v <= -qn, -float(qn), zero))
+    ds = torch.where(v >= qp, float(qp), ds)
+    terms = grad.to(torch.float64) * ds.to(torch.float64)
+    dims = _reduce_dims(step.shape, v.shape)
+    total = terms.sum(dim=dims, keepdim=True) if dims else terms
+    return grad_w, (total * grad_scale).reshape(step.shape).to(step.dtype)
+
+
+@torch.library.custom_op("lightning_quant::lsq_forward", mutates_args=())
+def lsq_forward(w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> tuple[Tensor, Tensor]:
+    return lsq_forward_reference(w, step, qn, qp, grad_scale, min_step)
+
+
+@torch.library.custom_op("lightning_quant::lsq_backward", mutates_args=())
+def lsq_backward(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> tuple[Tensor, Tensor]:
+    return lsq_backward_reference(grad, v, step, qn, qp, grad_scale)
+
+
+@lsq_forward.register_fake
+def _(w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> tuple[Tensor, Tensor]:
+    ct = torch.promote_types(torch.promote_types(w.dtype, step.dtype), torch.float32)
+    return torch.empty_like(w), torch.empty_like(w, dtype=ct)
+
+
+@lsq_backward.register_fake
+def _(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(grad), torch.empty_like(step)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    _, step, qn, qp, grad_scale, _ = inputs
+    ctx.save_for_backward(output[1], step)
+    ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad: Tensor, _grad_v: Tensor | None) -> tuple:
+    v, step = ctx.saved_tensors
+    grad_w, grad_step = lsq_backward(grad, v, step, ctx.qn, ctx.qp, ctx.grad_scale)
+    return (
+        (grad_w if ctx.needs_input_grad[0] else None),
+        (grad_step if ctx.needs_input_grad[1] else None),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+lsq_forward.register_autograd(_backward, setup_context=_setup_context)
+register_cuda(lsq_forward, "lsq_forward", lsq_forward_reference)
+register_cuda(lsq_backward, "lsq_backward", lsq_backward_reference)
 
 
 def lsq_quantize(
@@ -147,7 +190,7 @@ def lsq_quantize(
         grad_scale = 1.0 / math.sqrt(max(w.numel() // step.numel(), 1) * qp)
     elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
         raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
-    return _LSQFunction.apply(w, step, qn, qp, float(grad_scale), float(min_step))
+    return lsq_forward(w, step, qn, qp, float(grad_scale), float(min_step))[0]
 
 
 def lsq_plus_quantize(
@@ -191,5 +234,5 @@ def lsq_plus_quantize(
         grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * levels)
     elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
         raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
-    shifted = _LSQFunction.apply(x - offset.to(x.dtype), scale, 0, levels, float(grad_scale), float(min_step))
+    shifted = lsq_forward(x - offset.to(x.dtype), scale, 0, levels, float(grad_scale), float(min_step))[0]
     return shifted + offset.to(shifted.dtype)

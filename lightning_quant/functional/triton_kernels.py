@@ -330,3 +330,80 @@ def dsq_backward(
     grad_a = sum_a * scalars[2] * dc_dalpha
     # Separate tensors: a custom op's outputs may not be views of one another.
     return grad_x, grad_l.reshape(lower.shape).clone(), grad_u.reshape(upper.shape).clone(), grad_a.reshape(alpha.shape)
+
+
+# ------------------------------------------------------------------------------------------------ LSQ
+# One program per (channel, block of that channel's weights): the step is per tensor (one channel) or per output
+# channel along dim 0 (each channel's weights contiguous), and each program sums its step-gradient terms.
+
+
+@triton.jit
+def _lsq_forward_kernel(w_ptr, s_ptr, out_ptr, v_ptr, inner, qn, qp, BLOCK: tl.constexpr):
+    channel = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inner
+    idx = channel * inner + offs
+    s = tl.load(s_ptr + channel)
+    v = tl.math.div_rn(tl.load(w_ptr + idx, mask=mask), s)
+    c = tl.where(v < -qn, -qn, v)  # comparisons: NaN passes as in torch.clamp
+    c = tl.where(c > qp, qp, c)
+    tl.store(out_ptr + idx, _rint(c) * s, mask=mask)
+    tl.store(v_ptr + idx, v, mask=mask)
+
+
+@triton.jit
+def _lsq_backward_kernel(g_ptr, v_ptr, gw_ptr, partial_ptr, inner, blocks, qn, qp, BLOCK: tl.constexpr):
+    channel = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inner
+    idx = channel * inner + offs
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0)
+    v = tl.load(v_ptr + idx, mask=mask, other=float("nan"))  # NaN: in no region, no gradient
+    inside = (v > -qn) & (v < qp)
+    tl.store(gw_ptr + idx, g * tl.where(inside, 1.0, 0.0), mask=mask)
+    ds = tl.where(inside, _rint(v) - v, tl.where(v <= -qn, -qn, 0.0))
+    ds = tl.where(v >= qp, qp, ds)
+    terms = g.to(tl.float64) * ds.to(tl.float64)
+    tl.store(partial_ptr + channel * blocks + tl.program_id(1), tl.sum(terms, axis=0))
+
+
+def _lsq_channels(w: Tensor, step: Tensor) -> int | None:
+    """How many steps (1, or one per slice along dim 0), or None for another layout (the reference runs)."""
+    if not _fits(w, step):
+        return None
+    if step.numel() == 1:
+        return 1
+    per_row = step.dim() == w.dim() and step.shape[0] == w.shape[0] and step.numel() == w.shape[0]
+    return w.shape[0] if per_row else None
+
+
+@triton_op("lightning_quant::lsq_forward_triton", mutates_args={})
+def lsq_forward(w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> tuple[Tensor, Tensor]:
+    from lightning_quant.functional.lsq import lsq_forward_reference
+
+    channels = _lsq_channels(w, step)
+    if channels is None:
+        return lsq_forward_reference(w, step, qn, qp, grad_scale, min_step)
+    s = step.clamp_min(min_step).contiguous()
+    out, v = torch.empty_like(w), torch.empty_like(w)
+    inner = w.numel() // channels
+    grid = (channels, triton.cdiv(inner, BLOCK))
+    wrap_triton(_lsq_forward_kernel)[grid](w, s, out, v, inner, float(qn), float(qp), **_LAUNCH)
+    return out, v
+
+
+@triton_op("lightning_quant::lsq_backward_triton", mutates_args={})
+def lsq_backward(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> tuple[Tensor, Tensor]:
+    from lightning_quant.functional.lsq import lsq_backward_reference
+
+    grad = grad.contiguous()
+    channels = _lsq_channels(v, step)
+    if channels is None or not _fits(grad):
+        return lsq_backward_reference(grad, v, step, qn, qp, grad_scale)
+    inner = v.numel() // channels
+    grid = (channels, triton.cdiv(inner, BLOCK))
+    grad_w = torch.empty_like(grad)
+    partial = v.new_empty(grid, dtype=torch.float64)
+    launch = wrap_triton(_lsq_backward_kernel)[grid]
+    launch(grad, v, grad_w, partial, inner, grid[1], float(qn), float(qp), **_LAUNCH)
+    return grad_w, (partial.sum(dim=1) * grad_scale).reshape(step.shape).to(step.dtype)
