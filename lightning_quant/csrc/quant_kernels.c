@@ -39,28 +39,15 @@ void lq_pact_forward_f32(const float *x, float *q, int8_t *code, int64_t n, floa
 }
 
 /* PACT backward: grad_x = g * (code == 1), and returns sum(g * (code == 2)) (the alpha gradient) in float64.
- * Products, not selects: g * 0 is NaN for an infinite g, as in torch. grad_x may be NULL (alpha only). */
-double lq_pact_backward_f32(const float *g, const int8_t *code, float *grad_x, int64_t n, int want_alpha,
-                            int threads) {
-    if (!want_alpha) {
-        if (grad_x) {
-#pragma omp parallel for num_threads(LQ_THREADS(n, threads)) schedule(static)
-            for (int64_t i = 0; i < n; ++i) grad_x[i] = g[i] * (code[i] == 1 ? 1.0f : 0.0f);
-        }
-        return 0.0;
-    }
+ * Products, not selects: g * 0 is NaN for an infinite g, as in torch. */
+double lq_pact_backward_f32(const float *g, const int8_t *code, float *grad_x, int64_t n, int threads) {
     double total = 0.0;
-    if (grad_x) {
 #pragma omp parallel for simd num_threads(LQ_THREADS(n, threads)) schedule(static) reduction(+ : total)
-        for (int64_t i = 0; i < n; ++i) {
-            float gi = g[i];
-            int8_t c = code[i];
-            grad_x[i] = gi * (c == 1 ? 1.0f : 0.0f);
-            total += (double)(gi * (c == 2 ? 1.0f : 0.0f));
-        }
-    } else {
-#pragma omp parallel for simd num_threads(LQ_THREADS(n, threads)) schedule(static) reduction(+ : total)
-        for (int64_t i = 0; i < n; ++i) total += (double)(g[i] * (code[i] == 2 ? 1.0f : 0.0f));
+    for (int64_t i = 0; i < n; ++i) {
+        float gi = g[i];
+        int8_t c = code[i];
+        grad_x[i] = gi * (c == 1 ? 1.0f : 0.0f);
+        total += (double)(gi * (c == 2 ? 1.0f : 0.0f));
     }
     return total;
 }

@@ -59,6 +59,11 @@ Guards (no data-dependent Python branches, so ``torch.compile`` sees one graph):
 Dtypes: the arithmetic runs in the promotion of ``x``'s, the bounds' and ``alpha``'s dtypes, at least float32
 (bf16/fp16 inputs are upcast); the output is cast back to ``x``'s dtype, so under bf16 it holds each level rounded to
 bf16 (still at most ``2^b`` distinct values). Each gradient is returned in its input's dtype.
+
+Kernels: the custom ops ``lightning_quant::dsq_forward`` / ``dsq_backward`` (the replaced activation folded in): the
+reference below (any broadcastable bounds, any dtype), the C kernels on CPU float32 with one range per tensor and
+Triton on CUDA likewise; their forwards are bit-identical to the reference, their gradients agree to float32 rounding
+(their own vectorized tanh).
 """
 
 from __future__ import annotations
@@ -77,8 +82,6 @@ from lightning_quant.functional.checks import check_bits
 __all__ = [
     "ALPHA_EPS",
     "DEFAULT_MIN_WIDTH",
-    "dsq_centre_slope",
-    "dsq_levels",
     "dsq_quantize",
     "dsq_soft",
 ]
@@ -478,47 +481,6 @@ def dsq_soft(
     clipped = torch.where(xc < lo, lo, up_eff)
     out = torch.where(inside, q_soft, clipped)
     return torch.where(torch.isnan(xc), xc, out)
-
-
-def dsq_levels(lower: Bound, upper: Bound, bits: int) -> Tensor:
-    """The ``2^bits`` levels the forward can emit for a 0-d range (for logging and plots).
-
-    Args:
-        lower: Lower bound ``l``.
-        upper: Upper bound ``u`` (assumed ``>= lower + DEFAULT_MIN_WIDTH``).
-        bits: Bit width, an int in 1..16.
-
-    Returns:
-        A 1-d tensor ``[l, l + Delta, ..., u]``, computed exactly as the forward computes them.
-
-    Raises:
-        ValueError: If ``bits`` is not an int in 1..16.
-    """
-    check_bits(bits, "bits")
-    lo = torch.as_tensor(lower, dtype=torch.float64 if not isinstance(lower, Tensor) else None)
-    up = torch.as_tensor(upper, dtype=lo.dtype, device=lo.device)
-    n = 2**bits - 1
-    up_eff, delta = _range(lo.detach(), up.detach(), n, DEFAULT_MIN_WIDTH)
-    idx = torch.arange(n + 1, dtype=lo.dtype, device=lo.device)
-    return torch.where(idx >= n, up_eff, lo.detach() + idx * delta)
-
-
-def dsq_centre_slope(alpha: float) -> float:
-    """The slope ``dQ_s/dx`` at a bin centre, ``0.5 * s * log(2 / alpha - 1)`` (independent of the range and bits).
-
-    Args:
-        alpha: Characteristic variable in ``(0, 1)``.
-
-    Returns:
-        The slope (1 in the STE limit alpha -> 1, growing without bound as alpha -> 0).
-
-    Raises:
-        ValueError: If ``alpha`` is not in ``(0, 1)``.
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"`alpha` must be a float in the open interval (0, 1), got {alpha!r}.")
-    c = math.log1p(2.0 * (1.0 - alpha) / alpha)
-    return 0.5 * c / math.tanh(0.5 * c)
 
 
 def _check_min_width(min_width: object) -> None:

@@ -27,6 +27,9 @@ rounded output. NaN weights give NaN outputs and contribute no gradient to ``w``
 Step floor: the forward uses ``max(s, min_step)`` and the step's gradient passes straight through that floor (as
 ``pact_quantize``'s ``min_alpha``), so a step pushed below it can come back. A step ``<= 0`` would divide by zero or
 flip the grid, so ``min_step`` must be positive whenever the step could reach 0 (the module passes one).
+
+Kernels: the custom ops ``lightning_quant::lsq_forward`` / ``lsq_backward``: the torch reference below on CPU (as fast
+as a C kernel would be on weights this small) and Triton on CUDA (bit-identical).
 """
 
 from __future__ import annotations

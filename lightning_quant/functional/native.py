@@ -59,37 +59,14 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
 
+_P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  # pointer, count, float, int
 _SIGNATURES = {
-    "lq_pact_forward_f32": (
-        None,
-        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int],
-    ),
-    "lq_pact_backward_f32": (
-        ctypes.c_double,
-        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int],
-    ),
-    "lq_dorefa_forward_f32": (
-        None,
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int],
-    ),
-    "lq_dorefa_backward_f32": (
-        None,
-        [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_int],
-    ),
-    "lq_dsq_forward_f32": (
-        None,
-        [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int] * 3,
-    ),
-    "lq_dsq_backward_f32": (
-        None,
-        [ctypes.c_void_p] * 4
-        + [ctypes.c_int64]
-        + [ctypes.c_float] * 3
-        + [ctypes.c_int]
-        + [ctypes.c_float] * 2
-        + [ctypes.c_int] * 3
-        + [ctypes.c_float, ctypes.c_int],
-    ),
+    "lq_pact_forward_f32": (None, [_P, _P, _P, _N, _F, _F, _F, _I]),
+    "lq_pact_backward_f32": (ctypes.c_double, [_P, _P, _P, _N, _I]),
+    "lq_dorefa_forward_f32": (None, [_P, _P, _P, _P, _N, _F, _F, _I]),
+    "lq_dorefa_backward_f32": (None, [_P, _P, _P, _N, _F, _F, _F, _F, _I]),
+    "lq_dsq_forward_f32": (None, [_P, _P, _N, _F, _F, _F, _I, _I, _I]),
+    "lq_dsq_backward_f32": (None, [_P, _P, _P, _P, _N, _F, _F, _F, _I, _F, _F, _I, _I, _I, _F, _I]),
 }
 
 

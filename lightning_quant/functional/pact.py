@@ -79,7 +79,7 @@ def pact_backward(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
     grad = grad.contiguous()  # e.g. the expanded gradient of a `.sum()`; the code is contiguous
     grad_x = torch.empty_like(grad)
     total = lib.lq_pact_backward_f32(
-        grad.data_ptr(), code.data_ptr(), grad_x.data_ptr(), grad.numel(), 1, native.threads()
+        grad.data_ptr(), code.data_ptr(), grad_x.data_ptr(), grad.numel(), native.threads()
     )
     return grad_x, torch.tensor(native.to_float32(total))
 
