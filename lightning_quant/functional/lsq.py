@@ -28,8 +28,8 @@ Step floor: the forward uses ``max(s, min_step)`` and the step's gradient passes
 ``pact_quantize``'s ``min_alpha``), so a step pushed below it can come back. A step ``<= 0`` would divide by zero or
 flip the grid, so ``min_step`` must be positive whenever the step could reach 0 (the module passes one).
 
-Kernels: the custom ops ``lightning_quant::lsq_forward`` / ``lsq_backward``: the torch reference below on CPU (as fast
-as a C kernel would be on weights this small) and Triton on CUDA (bit-identical).
+Kernels: the custom ops ``lightning_quant::lsq_forward`` / ``lsq_backward``: the torch reference below on CPU (no C
+kernel: the same torch ops as before this design) and Triton on CUDA (bit-identical).
 """
 
 from __future__ import annotations
