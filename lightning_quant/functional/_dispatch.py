@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -18,11 +19,17 @@ import torch
 
 @functools.cache
 def triton_kernels() -> ModuleType | None:
-    """:mod:`.triton_kernels`, imported on the first CUDA call; None where triton is not installed."""
+    """:mod:`.triton_kernels`, imported on the first CUDA call; None (with a warning) where it can not be: no triton,
+    or a torch older than 2.6 (no ``torch.library.triton_op``). The ops then run their torch reference on CUDA."""
     if importlib.util.find_spec("triton") is None:
+        warnings.warn("lightning_quant: triton is not installed; the quantizers run torch ops on CUDA.", stacklevel=2)
         return None
-    from lightning_quant.functional import triton_kernels as module
-
+    try:
+        from lightning_quant.functional import triton_kernels as module
+    except ImportError as error:
+        message = f"lightning_quant: the Triton kernels are unavailable ({error}); the quantizers run torch ops."
+        warnings.warn(message, stacklevel=2)
+        return None
     return module
 
 
