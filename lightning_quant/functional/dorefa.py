@@ -85,9 +85,12 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(t, m, d)
     ctx.levels = levels
     ctx.mark_non_differentiable(m, d)
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
 
 
 def _backward(ctx, grad: Tensor, _grad_m: Tensor | None, _grad_d: Tensor | None) -> tuple[Tensor, None]:
+    if grad is None:
+        return None, None
     t, m, d = ctx.saved_tensors
     return dorefa_backward(grad, t, m, d, ctx.levels), None
 

@@ -139,9 +139,12 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(output[1], step)
     ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
 
 
 def _backward(ctx, grad: Tensor, _grad_v: Tensor | None) -> tuple:
+    if grad is None:
+        return None, None, None, None, None, None
     v, step = ctx.saved_tensors
     grad_w, grad_step = lsq_backward(grad, v, step, ctx.qn, ctx.qp, ctx.grad_scale)
     return (

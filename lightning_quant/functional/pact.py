@@ -99,9 +99,12 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(output[1])
     ctx.alpha_shape, ctx.alpha_dtype = alpha.shape, alpha.dtype
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
 
 
 def _backward(ctx, grad: Tensor, _grad_code: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None]:
+    if grad is None:  # the output was not used
+        return None, None, None, None
     (code,) = ctx.saved_tensors
     grad_x, total = pact_backward(grad, code)
     grad_alpha = total.to(ctx.alpha_dtype).reshape(ctx.alpha_shape) if ctx.needs_input_grad[1] else None
