@@ -276,12 +276,6 @@ class QuantNoiseConfig(QuantConfig):
 _CONFIGS: dict[str, type[QuantConfig]] = {"pact": PACTConfig, "dsq": DSQConfig, "quant_noise": QuantNoiseConfig}
 
 
-def register_config(cls: type[QuantConfig]) -> type[QuantConfig]:
-    """Make a config class rebuildable from a checkpoint by its ``method`` name."""
-    _CONFIGS[cls.method] = cls
-    return cls
-
-
 def recipe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """The fields in which two :meth:`QuantConfig.to_dict` outputs differ, as ``"act_bits: checkpoint 4 vs now 2"``."""
     keys = sorted(set(saved) | set(current))

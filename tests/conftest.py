@@ -63,6 +63,73 @@ class ToyNet(L.LightningModule):
         return DataLoader(toy_data(32, seed=1), batch_size=16)
 
 
+class MLPNet(L.LightningModule):
+    """``fc1, relu1, fc2, relu2, fc3`` (Linear layers with ``nn.ReLU`` modules): two activation sites and three weight
+    layers, the model most callback tests use.
+
+    Args:
+        in_features: Input features of the toy data.
+        hidden: Width of the hidden layers.
+        optimizer: ``"adam"`` (lr 1e-2) or ``"sgd"`` (lr 0.05, momentum 0.9, weight decay 1e-4).
+        scheduler: None or one of ``"step"``, ``"cosine"``, ``"lambda"``, ``"onecycle"``, ``"cyclic"``, ``"plateau"``
+            (6 batches per epoch, the step-wise ones sized for 4 epochs).
+    """
+
+    def __init__(
+        self, in_features: int = 8, hidden: int = 16, optimizer: str = "adam", scheduler: str | None = None
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        kind = self.hparams.scheduler
+        if kind is None:
+            return opt
+        step_wise = {
+            "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4 * 6),
+            "cyclic": lambda: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.005, max_lr=0.05, step_size_up=5),
+        }
+        if kind in step_wise:
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": step_wise[kind](), "interval": "step"}}
+        if kind == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=10.0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train_loss"}}
+        epoch_wise = {
+            "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4),
+            "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch)),
+        }
+        return {"optimizer": opt, "lr_scheduler": epoch_wise[kind]()}
+
+    def train_dataloader(self):
+        return DataLoader(toy_data(features=self.hparams.in_features), batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(toy_data(32, features=self.hparams.in_features, seed=1), batch_size=16)
+
+
 def make_trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
     """A minimal CPU Trainer: no logger, no progress bar, no checkpoints unless asked."""
     defaults = dict(

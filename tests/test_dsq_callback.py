@@ -9,58 +9,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MLPNet, make_trainer, toy_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_quant import DSQCallback, load_from_checkpoint
 from lightning_quant.optim import GROUP_NAME
 from lightning_quant.quantizers.dsq import DSQActivation, DSQWeight
 from lightning_quant.schedules import CosineSchedule, LinearSchedule
-
-
-def _data(n: int = 96) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
-    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
-
-
-class Net(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.relu1 = nn.ReLU()
-        self.fc2 = nn.Linear(16, 16)
-        self.relu2 = nn.ReLU()
-        self.fc3 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        return DataLoader(_data(), batch_size=16)
-
-
-def _trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
-    defaults = dict(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **defaults)
 
 
 class FirstStep(L.Callback):
@@ -84,7 +41,7 @@ def test_activation_ranges_calibrate_from_the_first_batch_and_train_in_their_gro
     from lightning_quant.calibration import mse_clip
 
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     cb = DSQCallback(
         act_bits=2,
         weight_bits=2,
@@ -94,12 +51,12 @@ def test_activation_ranges_calibrate_from_the_first_batch_and_train_in_their_gro
         quantize_inputs=False,
     )
     inject_quantizers(model, cb.config)  # the callback's own injection is then a no-op
-    x0 = _data()[:16][0]
+    x0 = toy_data()[:16][0]
     with torch.no_grad():
         pre = model.fc1(x0)  # fc1's weights are quantized in this forward too
     expected_upper = mse_clip(pre, 2).float() if calibration == "mse" else F.relu(pre).max()
     first = FirstStep()
-    trainer = _trainer(tmp_path, [cb, first])
+    trainer = make_trainer(tmp_path, [cb, first])
     trainer.fit(model)
     lower, upper = first.ranges["relu1"]
     assert float(lower) == 0.0 and torch.allclose(upper, expected_upper)
@@ -120,7 +77,7 @@ def test_weight_range_starts_at_min_max():
     from lightning_quant.config import DSQConfig
 
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     w = model.fc2.weight.detach().clone()
     inject_quantizers(model, DSQConfig(act_bits=4, weight_bits=4))
     assert float(model.fc2.weight_quantizer.lower) == pytest.approx(float(w.min()))
@@ -141,7 +98,7 @@ def test_temperature_schedule_logged_and_applied(tmp_path):
             )
 
     cb = DSQCallback(temperature=schedule, schedule_by="epoch")
-    _trainer(tmp_path, [cb, Record()], max_epochs=4, logger=logger).fit(Net())
+    make_trainer(tmp_path, [cb, Record()], max_epochs=4, logger=logger).fit(MLPNet())
     for epoch in range(4):
         assert seen[epoch] == pytest.approx((schedule(epoch, 4), schedule(epoch, 4)), rel=1e-6)
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
@@ -167,13 +124,13 @@ def test_resume_continues_the_temperature_exactly(tmp_path):
                 seen[trainer.current_epoch] = float(pl_module.relu1.temperature[0])
 
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True)
-        trainer = _trainer(
+        trainer = make_trainer(
             tmp_path / root,
             [DSQCallback(temperature=schedule, schedule_by="epoch"), Record(), ckpt] + ([StopAfter()] if stop else []),
             max_epochs=max_epochs,
             enable_checkpointing=True,
         )
-        model = Net()
+        model = MLPNet()
         trainer.fit(model, ckpt_path=ckpt_path)
         return seen, model
 
@@ -190,9 +147,9 @@ def test_resume_continues_the_temperature_exactly(tmp_path):
 def test_learned_temperature_stays_inside_and_is_logged(tmp_path):
     torch.manual_seed(0)
     logger = CSVLogger(tmp_path, name="logs")
-    model = Net()
+    model = MLPNet()
     cb = DSQCallback(temperature=0.3, learn_temperature=True, first_last="quantize", quantizer_lr=0.1)
-    _trainer(tmp_path, [cb], logger=logger, max_epochs=3).fit(model)
+    make_trainer(tmp_path, [cb], logger=logger, max_epochs=3).fit(model)
     alpha = model.relu1.get_temperature().detach()
     assert bool(((alpha > 0) & (alpha < 1)).all())
     assert not torch.allclose(alpha, torch.full_like(alpha, 0.3)), "the temperature never learned"
@@ -203,19 +160,19 @@ def test_learned_temperature_stays_inside_and_is_logged(tmp_path):
 
 def test_load_from_checkpoint_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _trainer(tmp_path, [DSQCallback(act_bits=3, weight_bits=3), ckpt], enable_checkpointing=True).fit(model)
-    loaded = load_from_checkpoint(Net, tmp_path / "last.ckpt")
+    make_trainer(tmp_path, [DSQCallback(act_bits=3, weight_bits=3), ckpt], enable_checkpointing=True).fit(model)
+    loaded = load_from_checkpoint(MLPNet, tmp_path / "last.ckpt")
     model.eval()
     x = torch.randn(10, 8)
     assert torch.equal(loaded(x), model(x))
 
 
 def test_non_finite_first_batch_does_not_poison_the_range(tmp_path):
-    class Poisoned(Net):
+    class Poisoned(MLPNet):
         def train_dataloader(self):
-            data = _data()
+            data = toy_data()
             x, y = data.tensors
             x = x.clone()
             x[0, :] = float("inf")
@@ -225,7 +182,7 @@ def test_non_finite_first_batch_does_not_poison_the_range(tmp_path):
     torch.manual_seed(0)
     model = Poisoned()
     first = FirstStep()
-    _trainer(tmp_path, [DSQCallback(first_last="quantize"), first], max_epochs=1, limit_train_batches=1).fit(model)
+    make_trainer(tmp_path, [DSQCallback(first_last="quantize"), first], max_epochs=1, limit_train_batches=1).fit(model)
     lower, upper = first.ranges["relu1"]
     assert torch.isfinite(lower).all() and torch.isfinite(upper).all() and float(upper) > 0
 
@@ -264,9 +221,9 @@ def test_activation_lower_bound_stays_at_zero_unless_asked():
 
 def test_learn_activation_lower_option_reaches_the_modules(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     cb = DSQCallback(first_last="quantize", learn_activation_lower=True, quantizer_lr=0.05)
-    _trainer(tmp_path, [cb], max_epochs=1).fit(model)
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(model)
     assert model.relu1.lower.requires_grad and float(model.relu1.lower) != 0.0
     assert not DSQCallback().config.learn_activation_lower
     with pytest.raises(ValueError, match="`learn_activation_lower` must be a bool"):

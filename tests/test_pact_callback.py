@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MLPNet, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_quant
 from lightning_quant import PACTCallback, load_from_checkpoint
@@ -21,99 +21,17 @@ from lightning_quant.quantizers.pact import PACTActivation
 from lightning_quant.surgery import RECIPE_KEY, decode_recipe
 
 
-def _data(n: int = 96, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-    return TensorDataset(x, y)
-
-
-class Net(L.LightningModule):
-    """Three Linear layers with nn.ReLU modules: PACT has two activation sites and three weight layers."""
-
-    def __init__(self, hidden: int = 16, optimizer: str = "adam", scheduler: str | None = None) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.fc1 = nn.Linear(8, hidden)
-        self.relu1 = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.relu2 = nn.ReLU()
-        self.fc3 = nn.Linear(hidden, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        if self.hparams.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        else:
-            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
-        kind = self.hparams.scheduler
-        if kind is None:
-            return opt
-        if kind == "step":
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        elif kind == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
-        elif kind == "lambda":
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch))
-        elif kind == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4 * 6)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        elif kind == "cyclic":
-            sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.005, max_lr=0.05, step_size_up=5)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        elif kind == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=10.0)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train_loss"}}
-        else:
-            raise ValueError(kind)
-        return {"optimizer": opt, "lr_scheduler": sched}
-
-    def train_dataloader(self):
-        return DataLoader(_data(), batch_size=16)
-
-    def val_dataloader(self):
-        return DataLoader(_data(32, seed=1), batch_size=16)
-
-
-def _trainer(tmp_path: Path, callbacks, **kwargs) -> L.Trainer:
-    defaults = dict(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **defaults)
-
-
 def _alphas(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.alpha.detach().clone() for n, m in model.named_modules() if isinstance(m, PACTActivation)}
 
 
 def test_alphas_get_one_group_of_their_own_and_user_groups_are_untouched(tmp_path):
     torch.manual_seed(0)
-    model = Net(optimizer="sgd")
+    model = MLPNet(optimizer="sgd")
     cb = PACTCallback(
         act_bits=4, weight_bits=4, first_last="quantize", alpha_init=0.5, alpha_lr=0.02, quantize_inputs=False
     )
-    trainer = _trainer(tmp_path, [cb])
+    trainer = make_trainer(tmp_path, [cb])
     trainer.fit(model)
     user_params = [p for n, p in model.named_parameters() if not n.endswith("alpha")]
 
@@ -136,11 +54,11 @@ def test_alphas_get_one_group_of_their_own_and_user_groups_are_untouched(tmp_pat
 
 def test_user_reference_to_weight_stays_valid(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     w = model.fc2.weight
     before = w.detach().clone()
     keys = set(model.state_dict())
-    _trainer(tmp_path, [PACTCallback(first_last="quantize", quantize_inputs=False)]).fit(model)
+    make_trainer(tmp_path, [PACTCallback(first_last="quantize", quantize_inputs=False)]).fit(model)
     assert model.fc2.weight is w
     assert not torch.equal(w.detach(), before)  # the optimizer trained the user's own Parameter
     assert keys <= set(model.state_dict())
@@ -167,11 +85,11 @@ class RecordLRs(L.Callback):
 @pytest.mark.parametrize("kind", SCHEDULERS)
 def test_alpha_group_under_user_scheduler(tmp_path, kind, mode):
     torch.manual_seed(0)
-    model = Net(optimizer="sgd", scheduler=kind)
+    model = MLPNet(optimizer="sgd", scheduler=kind)
     alpha_lr = 0.2
     record = RecordLRs()
     cb = PACTCallback(first_last="quantize", alpha_lr=alpha_lr, lr_schedule=mode)
-    trainer = _trainer(tmp_path, [cb, record], max_epochs=4)
+    trainer = make_trainer(tmp_path, [cb, record], max_epochs=4)
     trainer.fit(model)
     assert len(trainer.optimizers[0].param_groups) == 3
     user_peak = 0.05  # every scheduler here peaks at 0.05: the base lr, or OneCycleLR's and CyclicLR's max_lr
@@ -188,7 +106,7 @@ def test_alpha_group_under_user_scheduler(tmp_path, kind, mode):
 
 
 def test_manual_optimization_and_two_optimizers(tmp_path):
-    class TwoOptimizers(Net):
+    class TwoOptimizers(MLPNet):
         def __init__(self):
             super().__init__()
             self.automatic_optimization = False
@@ -212,7 +130,7 @@ def test_manual_optimization_and_two_optimizers(tmp_path):
     model = TwoOptimizers()
     before = _alphas(model) if _alphas(model) else None
     assert before is None  # not injected before fit
-    trainer = _trainer(tmp_path, [PACTCallback(first_last="quantize", alpha_init=0.5)])
+    trainer = make_trainer(tmp_path, [PACTCallback(first_last="quantize", alpha_init=0.5)])
     trainer.fit(model)
     body_opt, head_opt = trainer.optimizers
     assert [g.get("name") for g in body_opt.param_groups] == [None, GROUP_NAME, WEIGHT_GROUP_NAME]
@@ -222,7 +140,7 @@ def test_manual_optimization_and_two_optimizers(tmp_path):
 
 
 def test_alphas_spread_over_two_optimizers_is_an_error(tmp_path):
-    class Spread(Net):
+    class Spread(MLPNet):
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2), torch.optim.SGD([self.relu1.alpha], lr=0.1)
 
@@ -232,16 +150,16 @@ def test_alphas_spread_over_two_optimizers_is_an_error(tmp_path):
     model = Spread()
     model.automatic_optimization = False
     with pytest.raises(ValueError, match="spread over optimizers"):
-        _trainer(tmp_path, [PACTCallback(first_last="quantize")]).fit(model)
+        make_trainer(tmp_path, [PACTCallback(first_last="quantize")]).fit(model)
 
 
 def test_resume_restores_alphas_optimizer_and_callback_state_exactly(tmp_path):
     def run(max_epochs, ckpt_path=None, root="a"):
         torch.manual_seed(0)
-        model = Net(scheduler="step")
+        model = MLPNet(scheduler="step")
         cb = PACTCallback(act_bits=3, weight_bits=3, first_last="quantize", alpha_init=2.0)
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, save_top_k=-1, every_n_epochs=1)
-        trainer = _trainer(tmp_path / root, [cb, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
+        trainer = make_trainer(tmp_path / root, [cb, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
         trainer.fit(model, ckpt_path=ckpt_path)
         return model, trainer
 
@@ -267,21 +185,23 @@ def test_resume_restores_alphas_optimizer_and_callback_state_exactly(tmp_path):
 def test_resume_with_other_bits_is_a_clear_error(tmp_path):
     torch.manual_seed(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _trainer(tmp_path, [PACTCallback(act_bits=4), ckpt], max_epochs=1, enable_checkpointing=True).fit(Net())
-    model = Net()
+    make_trainer(tmp_path, [PACTCallback(act_bits=4), ckpt], max_epochs=1, enable_checkpointing=True).fit(MLPNet())
+    model = MLPNet()
     # The model's weights load first (Lightning restores them before callback states): its recipe check speaks.
     with pytest.raises(RuntimeError, match=r"another quantization recipe .*\(act_bits: checkpoint 4 vs now 2\)"):
-        _trainer(tmp_path, [PACTCallback(act_bits=2)], max_epochs=2).fit(model, ckpt_path=str(tmp_path / "last.ckpt"))
+        make_trainer(tmp_path, [PACTCallback(act_bits=2)], max_epochs=2).fit(
+            model, ckpt_path=str(tmp_path / "last.ckpt")
+        )
 
 
 def test_load_from_checkpoint_rebuilds_the_trained_model(tmp_path):
     torch.manual_seed(0)
-    model = Net(hidden=12)
+    model = MLPNet(hidden=12)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _trainer(tmp_path, [PACTCallback(act_bits=2, weight_bits=3, alpha_init=1.5), ckpt], enable_checkpointing=True).fit(
-        model
-    )
-    loaded = load_from_checkpoint(Net, tmp_path / "last.ckpt")
+    make_trainer(
+        tmp_path, [PACTCallback(act_bits=2, weight_bits=3, alpha_init=1.5), ckpt], enable_checkpointing=True
+    ).fit(model)
+    loaded = load_from_checkpoint(MLPNet, tmp_path / "last.ckpt")
     assert loaded.hparams.hidden == 12 and not loaded.training
     x = torch.randn(20, 8)
     model.eval()
@@ -290,16 +210,16 @@ def test_load_from_checkpoint_rebuilds_the_trained_model(tmp_path):
 
     with pytest.raises(KeyError, match="no quantization recipe.*YourModule.load_from_checkpoint"):
         plain = tmp_path / "plain.ckpt"
-        torch.save({"state_dict": Net().state_dict()}, plain)
-        load_from_checkpoint(Net, plain)
+        torch.save({"state_dict": MLPNet().state_dict()}, plain)
+        load_from_checkpoint(MLPNet, plain)
 
 
 def test_alphas_logged_every_epoch_and_plot_written(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     logger = CSVLogger(tmp_path, name="logs")
     cb = PACTCallback(first_last="quantize", plot=True, log_every_n_steps=2)
-    _trainer(tmp_path, [cb], logger=logger, max_epochs=3, log_every_n_steps=1).fit(model)
+    make_trainer(tmp_path, [cb], logger=logger, max_epochs=3, log_every_n_steps=1).fit(model)
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     epoch_rows = [r for r in rows if r.get("pact/alpha/relu1") and r.get("epoch") and r.get("step")]
     assert len(epoch_rows) >= 3
@@ -311,24 +231,24 @@ def test_alphas_logged_every_epoch_and_plot_written(tmp_path):
 
 def test_fit_twice_then_validate_does_not_double_wrap(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     cb = PACTCallback(first_last="quantize")
-    trainer = _trainer(tmp_path, [cb], max_epochs=1)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1)
     trainer.fit(model)
     modules = [type(m).__name__ for m in model.modules()]
-    _trainer(tmp_path, [cb], max_epochs=1).fit(model)
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(model)
     trainer.validate(model, verbose=False)
     assert [type(m).__name__ for m in model.modules()] == modules
     assert len(trainer.optimizers[0].param_groups) == 3
 
 
 def test_functional_relu_warns_naming_the_model(tmp_path):
-    class Functional(Net):
+    class Functional(MLPNet):
         def forward(self, x):
             return self.fc3(F.relu(self.fc2(self.relu1(self.fc1(x)))))
 
     with pytest.warns(UserWarning, match=r"Functional\.forward calls `F\.relu\(\.\.\.\)`"):
-        _trainer(tmp_path, [PACTCallback(first_last="quantize")], max_epochs=1).fit(Functional())
+        make_trainer(tmp_path, [PACTCallback(first_last="quantize")], max_epochs=1).fit(Functional())
 
 
 @pytest.mark.parametrize(
@@ -356,17 +276,17 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, match):
 
 def test_unknown_skip_fails_before_any_step_and_leaves_the_model_alone(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"`skip` pattern 'fc9' matches no module of Net; modules: fc1, relu1, fc2"):
-        _trainer(tmp_path, [PACTCallback(skip=["fc9"])]).fit(model)
+    with pytest.raises(ValueError, match=r"`skip` pattern 'fc9' matches no module of MLPNet; modules: fc1, relu1, fc2"):
+        make_trainer(tmp_path, [PACTCallback(skip=["fc9"])]).fit(model)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert isinstance(model.relu1, nn.ReLU)
 
 
 def test_nothing_to_quantize_is_an_error(tmp_path):
-    class Tanh(Net):
+    class Tanh(MLPNet):
         def __init__(self):
             super().__init__()
             self.fc1 = self.fc2 = self.fc3 = nn.Identity()
@@ -376,28 +296,28 @@ def test_nothing_to_quantize_is_an_error(tmp_path):
             return x[:, :3]
 
     with pytest.raises(ValueError, match="Nothing to quantize in Tanh"):
-        _trainer(tmp_path, [PACTCallback()]).fit(Tanh())
+        make_trainer(tmp_path, [PACTCallback()]).fit(Tanh())
 
 
 def test_unsupported_strategy_is_an_error(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    trainer = _trainer(tmp_path, [PACTCallback()])
+    trainer = make_trainer(tmp_path, [PACTCallback()])
     trainer.strategy.__class__  # noqa: B018 - the real strategy exists; swap in a sharded one below
     with pytest.raises(ValueError, match="supports single-device training and DDP .* got FSDPStrategy"):
         lightning_quant.PACTCallback()._check_strategy(type("T", (), {"strategy": FSDPStrategy()})())
 
 
 def test_first_last_float_is_the_papers_layout(tmp_path):
-    model = Net()
+    model = MLPNet()
     cb = PACTCallback(act_bits=4, weight_bits=4)
-    _trainer(tmp_path, [cb], max_epochs=1).fit(model)
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(model)
     bits = {e.name: e.bits for e in cb.plan.entries}
     assert bits == {"fc1": None, "relu1": 4, "fc2": 4, "relu2": None, "fc3": None}
     assert isinstance(model.relu2, nn.ReLU) and isinstance(model.relu1, PACTActivation)
 
 
-class ResidualNet(Net):
+class ResidualNet(MLPNet):
     """A shared `self.relu` called twice, the second call feeding the last layer; sets example_input_array."""
 
     def __init__(self) -> None:
@@ -415,7 +335,7 @@ def test_execution_order_keeps_the_last_layers_input_float_and_survives_reload(t
     model = ResidualNet()
     cb = PACTCallback(act_bits=2, weight_bits=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _trainer(tmp_path, [cb, ckpt], enable_checkpointing=True).fit(model)
+    make_trainer(tmp_path, [cb, ckpt], enable_checkpointing=True).fit(model)
     assert cb.plan.order == "execution"
     assert model.relu.site_bits == (2, None)  # site 0 feeds fc2, site 1 feeds fc3 (the last layer)
     loaded = load_from_checkpoint(ResidualNet, tmp_path / "last.ckpt")
@@ -430,14 +350,14 @@ def test_bf16_mixed_precision_trains_the_quantizers(tmp_path, callback):
     from lightning_quant import DSQCallback, QuantNoiseCallback
 
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet()
     cb = {
         "pact": lambda: PACTCallback(first_last="quantize", alpha_init=2.0, alpha_lr=0.05),
         "dsq": lambda: DSQCallback(first_last="quantize", quantizer_lr=0.05),
         "quant_noise": lambda: QuantNoiseCallback(bits=4, p=0.5),
     }[callback]()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _trainer(tmp_path, [cb], precision="bf16-mixed", max_epochs=1).fit(model)
+    make_trainer(tmp_path, [cb], precision="bf16-mixed", max_epochs=1).fit(model)
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
         if name in before:

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MLPNet, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos import LightningTransformer
 from lightning.pytorch.loggers import CSVLogger
@@ -21,48 +22,6 @@ from lightning_quant.layers import QuantLinear
 from lightning_quant.quantizers.quant_noise import QuantNoiseWeight
 from lightning_quant.schedules import CosineSchedule, LinearSchedule
 from lightning_quant.surgery import RECIPE_KEY
-
-
-def _data(n: int = 96) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 16, generator=g)
-    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
-
-
-class Net(L.LightningModule):
-    def __init__(self, hidden: int = 16) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.fc1 = nn.Linear(16, hidden)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, 3)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        return DataLoader(_data(), batch_size=16)
-
-
-def _trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
-    defaults = dict(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **defaults)
 
 
 class RecordP(L.Callback):
@@ -79,7 +38,7 @@ def test_rate_schedule_moves_each_epoch_and_is_logged(tmp_path):
     record = RecordP()
     logger = CSVLogger(tmp_path, name="logs")
     cb = QuantNoiseCallback(bits=4, p=schedule, schedule_by="epoch")
-    _trainer(tmp_path, [cb, record], max_epochs=5, logger=logger).fit(Net())
+    make_trainer(tmp_path, [cb, record], max_epochs=5, logger=logger).fit(MLPNet(in_features=16))
     assert record.p == pytest.approx({e: schedule(e, 5) for e in range(5)})
     rows = [r for r in csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")) if r.get("quant_noise/p")]
     assert [float(r["quant_noise/p"]) for r in rows] == pytest.approx([schedule(e, 5) for e in range(5)])
@@ -93,8 +52,8 @@ def test_resumed_run_continues_the_schedule_exactly(tmp_path):
         record = RecordP()
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True)
         cb = QuantNoiseCallback(bits=4, p=schedule, schedule_by="epoch")
-        trainer = _trainer(tmp_path / root, [cb, record, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
-        trainer.fit(Net(), ckpt_path=ckpt_path)
+        trainer = make_trainer(tmp_path / root, [cb, record, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
+        trainer.fit(MLPNet(in_features=16), ckpt_path=ckpt_path)
         return record.p
 
     full = run(4, "full")
@@ -107,52 +66,50 @@ def test_resumed_run_continues_the_schedule_exactly(tmp_path):
     assert state["schedules"] == {"p": {"type": "CosineSchedule", "start": 0.9, "end": 0.1}}
 
 
+def _mlp_with_quantized_weights(model: nn.Module, x: torch.Tensor, bits: int) -> torch.Tensor:
+    """MLPNet's forward written out, every weight through the int-``bits`` fake quantizer, activations float."""
+    for layer in (model.fc1, model.fc2):
+        x = F.relu(F.linear(x, fake_quantize_affine(layer.weight, bits), layer.bias))
+    return F.linear(x, fake_quantize_affine(model.fc3.weight, bits), model.fc3.bias)
+
+
 def test_evaluation_quantizes_every_covered_weight_to_bits(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLPNet(in_features=16)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _trainer(tmp_path, [QuantNoiseCallback(bits=3, p=0.5), ckpt], enable_checkpointing=True).fit(model)
+    make_trainer(tmp_path, [QuantNoiseCallback(bits=3, p=0.5), ckpt], enable_checkpointing=True).fit(model)
     model.eval()
-    for layer in (model.fc1, model.fc2):
+    for layer in (model.fc1, model.fc2, model.fc3):
         assert isinstance(layer, QuantLinear)
         effective = layer.weight_quantizer(layer.weight)
         assert torch.equal(effective, fake_quantize_affine(layer.weight, 3))
         assert effective.unique().numel() <= 2**3
     x = torch.randn(8, 16)
-    expected = F.linear(
-        F.relu(F.linear(x, fake_quantize_affine(model.fc1.weight, 3), model.fc1.bias)),
-        fake_quantize_affine(model.fc2.weight, 3),
-        model.fc2.bias,
-    )
-    assert torch.equal(model(x), expected)
-    loaded = load_from_checkpoint(Net, tmp_path / "last.ckpt")
+    assert torch.equal(model(x), _mlp_with_quantized_weights(model, x, 3))
+    loaded = load_from_checkpoint(MLPNet, tmp_path / "last.ckpt")
     assert torch.equal(loaded(x), model(x))
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_p_zero_is_the_float_model_and_p_one_is_full_weight_qat(tmp_path, p):
     torch.manual_seed(0)
-    model = Net()
-    reference = Net()
+    model = MLPNet(in_features=16)
+    reference = MLPNet(in_features=16)
     reference.load_state_dict(model.state_dict())
-    _trainer(tmp_path, [QuantNoiseCallback(bits=4, p=p)], max_epochs=1, limit_train_batches=0).fit(model)
+    make_trainer(tmp_path, [QuantNoiseCallback(bits=4, p=p)], max_epochs=1, limit_train_batches=0).fit(model)
     model.train()
     x = torch.randn(8, 16)
     if p == 0.0:
         expected = reference(x)
     else:
-        expected = F.linear(
-            F.relu(F.linear(x, fake_quantize_affine(reference.fc1.weight, 4), reference.fc1.bias)),
-            fake_quantize_affine(reference.fc2.weight, 4),
-            reference.fc2.bias,
-        )
+        expected = _mlp_with_quantized_weights(reference, x, 4)
     assert torch.equal(model(x), expected)
 
 
 def test_training_never_changes_weights_without_an_optimizer_step(tmp_path):
     torch.manual_seed(0)
-    model = Net()
-    _trainer(tmp_path, [QuantNoiseCallback(bits=2, p=0.7, mode="scalar")], max_epochs=1, limit_train_batches=0).fit(
+    model = MLPNet(in_features=16)
+    make_trainer(tmp_path, [QuantNoiseCallback(bits=2, p=0.7, mode="scalar")], max_epochs=1, limit_train_batches=0).fit(
         model
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}  # every value is a tensor, the recipe too
@@ -163,10 +120,10 @@ def test_training_never_changes_weights_without_an_optimizer_step(tmp_path):
 
 
 def test_block_size_not_dividing_names_the_layer_before_any_step(tmp_path):
-    model = Net()
+    model = MLPNet(in_features=16)
     before = model.fc1.weight.detach().clone()
     with pytest.raises(ValueError, match="fc1"):
-        _trainer(tmp_path, [QuantNoiseCallback(mode="block", p=0.1, block_size=5)]).fit(model)
+        make_trainer(tmp_path, [QuantNoiseCallback(mode="block", p=0.1, block_size=5)]).fit(model)
     assert torch.equal(model.fc1.weight, before)
 
 
@@ -208,7 +165,7 @@ class TinyTransformer(LightningTransformer):
 def test_transformer_linear_layers_are_quantized_at_evaluation(tmp_path):
     torch.manual_seed(0)
     model = TinyTransformer()
-    _trainer(tmp_path, [QuantNoiseCallback(bits=4, p=0.5)], max_epochs=1).fit(model)
+    make_trainer(tmp_path, [QuantNoiseCallback(bits=4, p=0.5)], max_epochs=1).fit(model)
     encoder_layer = model.model.transformer.encoder.layers[0]
     assert isinstance(encoder_layer.linear1, QuantLinear)
     assert isinstance(model.model.embedding.weight_quantizer, QuantNoiseWeight)
