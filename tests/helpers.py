@@ -29,13 +29,6 @@ def assert_same(a: Tensor | None, b: Tensor | None) -> None:
     )
 
 
-def grads_of(fn, *leaves: Tensor, grad: Tensor) -> list[Tensor | None]:
-    leaves = tuple(t.detach().clone().requires_grad_(True) for t in leaves)
-    out = fn(*leaves)
-    out.backward(grad)
-    return [out.detach(), *(t.grad for t in leaves)]
-
-
 def pact_input(n: int, alpha: float, bits: int, dtype: torch.dtype, seed: int) -> Tensor:
     """Random values below, inside and above the clip, then the boundaries: 0, -0, alpha, level midpoints, NaN, inf."""
     g = torch.Generator().manual_seed(seed)
