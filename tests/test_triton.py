@@ -68,10 +68,10 @@ def test_pact_is_bit_identical_to_the_reference(bits: int) -> None:
 @interpreted
 def test_pact_alpha_floor_and_other_dtypes() -> None:
     x = pact_input(2000, 0.5, 4, torch.float32, seed=9)
-    a = torch.tensor([0.01])  # below the floor: the forward clips at 0.5
-    assert_same(tk.pact_forward(x, a, 15, 0.5)[0], pact_forward_reference(x, a, 15, 0.5)[0])
+    a = torch.tensor([0.01])  # below the floor: the forward clips at 0.3 (rounded to float32)
+    assert_same(tk.pact_forward(x, a, 15, 0.3)[0], pact_forward_reference(x, a, 15, 0.3)[0])
     x16 = x.to(torch.bfloat16)  # not the kernels' dtype: the reference runs
-    assert_same(tk.pact_forward(x16, a, 15, 0.5)[0], pact_forward_reference(x16, a, 15, 0.5)[0])
+    assert_same(tk.pact_forward(x16, a, 15, 0.3)[0], pact_forward_reference(x16, a, 15, 0.3)[0])
 
 
 @interpreted
@@ -126,3 +126,11 @@ def test_lsq_is_bit_identical_to_the_reference(step_shape: tuple[int, ...]) -> N
         tk.lsq_backward(grad, v, step, 8, 7, 0.01), lsq_backward_reference(grad, v_ref, step, 8, 7, 0.01)
     ):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)  # float64 sums in another order, then rounded
+
+
+@interpreted
+@pytest.mark.parametrize(("lo", "up", "min_width"), [(1.0, 1.0, 1e-8), (0.5, 0.2, 1e-3)])  # collapsed, inverted
+def test_dsq_forward_guards_a_collapsed_range_as_the_reference(lo: float, up: float, min_width: float) -> None:
+    x = torch.linspace(-1, 2, 2049)
+    args = (torch.tensor(lo), torch.tensor(up), torch.tensor(0.3), 4, min_width, 0)
+    assert_same(tk.dsq_forward(x, *args), dsq_forward_reference(x, *args))

@@ -50,13 +50,16 @@ def _rint(v):
 
 
 @triton.jit
-def _pact_forward_kernel(x_ptr, q_ptr, code_ptr, params_ptr, n, BLOCK: tl.constexpr):
+def _pact_forward_kernel(x_ptr, q_ptr, code_ptr, alpha_ptr, min_alpha, levels, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    a = tl.load(params_ptr)
-    scale = tl.load(params_ptr + 1)
-    step = tl.load(params_ptr + 2)
+    # pact.clip_and_scales in float32, without its 0-d torch ops (each a launch): torch computes `levels / a` as
+    # `a.reciprocal() * levels`.
+    a = tl.load(alpha_ptr)
+    a = tl.where(a < min_alpha, min_alpha, a)
+    scale = tl.math.div_rn(1.0, a) * levels
+    step = tl.math.div_rn(a, levels)
     y = tl.where(x < 0.0, 0.0, x)  # comparisons, not min/max: NaN passes as in torch.clamp
     y = tl.where(y > a, a, y)
     tl.store(q_ptr + offs, _rint(y * scale) * step, mask=mask)
@@ -78,13 +81,13 @@ def _pact_backward_kernel(g_ptr, code_ptr, gx_ptr, partial_ptr, n, BLOCK: tl.con
 
 @triton_op("lightning_quant::pact_forward_triton", mutates_args={})
 def pact_forward(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tuple[Tensor, Tensor]:
-    from lightning_quant.functional.pact import clip_and_scales, pact_forward_reference
+    from lightning_quant.functional.pact import pact_forward_reference
 
-    if not _fits(x) or alpha.numel() != 1:
+    if not _fits(x, alpha) or alpha.numel() != 1:
         return pact_forward_reference(x, alpha, levels, min_alpha)
-    params = torch.stack(clip_and_scales(x, alpha, levels, min_alpha))  # on the device: no sync
     q, code = torch.empty_like(x), torch.empty_like(x, dtype=torch.int8)
-    wrap_triton(_pact_forward_kernel)[_grid(x.numel())](x, q, code, params, x.numel(), **_LAUNCH)
+    launch = wrap_triton(_pact_forward_kernel)[_grid(x.numel())]
+    launch(x, q, code, alpha, min_alpha, float(levels), x.numel(), **_LAUNCH)
     return q, code
 
 
@@ -189,13 +192,18 @@ def _dsq_activation(v, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _dsq_forward_kernel(x_ptr, q_ptr, params_ptr, n, nlev, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+def _dsq_forward_kernel(
+    x_ptr, q_ptr, lo_ptr, up_ptr, min_width, n, nlev, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     r = _dsq_activation(tl.load(x_ptr + offs, mask=mask), ACTIVATION)
-    lo = tl.load(params_ptr)
-    up = tl.load(params_ptr + 1)
-    delta = tl.load(params_ptr + 2)
+    # dsq._range in float32, without its 0-d torch ops (each a launch).
+    lo = tl.load(lo_ptr)
+    width = tl.load(up_ptr) - lo
+    collapsed = width < min_width
+    up = tl.where(collapsed, lo + min_width, tl.load(up_ptr))
+    delta = tl.math.div_rn(tl.where(collapsed, min_width, width), nlev)
     m = tl.where(r < lo, lo, r)
     m = tl.where(m > up, up, m)
     idx = _rint(tl.math.div_rn(m - lo, delta))
@@ -292,10 +300,9 @@ def dsq_forward(
 
     if not _dsq_fits(x, lower, upper, alpha):
         return dsq_forward_reference(x, lower, upper, alpha, bits, min_width, activation)
-    params = torch.stack(_dsq_params(lower, upper, alpha, bits, min_width)[:3])
     q = torch.empty_like(x)
     launch = wrap_triton(_dsq_forward_kernel)[_grid(x.numel())]
-    launch(x, q, params, x.numel(), float(2**bits - 1), ACTIVATION=activation, **_LAUNCH)
+    launch(x, q, lower, upper, min_width, x.numel(), float(2**bits - 1), ACTIVATION=activation, **_LAUNCH)
     return q
 
 
