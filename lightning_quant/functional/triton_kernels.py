@@ -198,12 +198,7 @@ def _dsq_forward_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     r = _dsq_activation(tl.load(x_ptr + offs, mask=mask), ACTIVATION)
-    # dsq._range in float32, without its 0-d torch ops (each a launch).
-    lo = tl.load(lo_ptr)
-    width = tl.load(up_ptr) - lo
-    collapsed = width < min_width
-    up = tl.where(collapsed, lo + min_width, tl.load(up_ptr))
-    delta = tl.math.div_rn(tl.where(collapsed, min_width, width), nlev)
+    lo, up, delta = _dsq_range(lo_ptr, up_ptr, min_width, nlev)  # in the kernel: no 0-d torch launches before it
     m = tl.where(r < lo, lo, r)
     m = tl.where(m > up, up, m)
     idx = _rint(tl.math.div_rn(m - lo, delta))
@@ -228,20 +223,45 @@ def _tanh(x):
 
 
 @triton.jit
+def _dsq_range(lo_ptr, up_ptr, min_width, nlev):
+    """dsq._range in float32: the effective upper bound and the bin width under the collapsed-range guard."""
+    lo = tl.load(lo_ptr)
+    width = tl.load(up_ptr) - lo
+    collapsed = width < min_width
+    up = tl.where(collapsed, lo + min_width, tl.load(up_ptr))
+    return lo, up, tl.math.div_rn(tl.where(collapsed, min_width, width), nlev)
+
+
+@triton.jit
 def _dsq_backward_kernel(
-    x_ptr, g_ptr, gx_ptr, params_ptr, partial_ptr, n, nlev, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr,
+    g_ptr,
+    gx_ptr,
+    lo_ptr,
+    up_ptr,
+    alpha_ptr,
+    partial_ptr,
+    min_width,
+    n,
+    nlev,
+    ACTIVATION: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     v = tl.load(x_ptr + offs, mask=mask, other=float("nan"))  # NaN: outside the range, contributes nothing
     go = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    lo = tl.load(params_ptr)
-    up = tl.load(params_ptr + 1)
-    delta = tl.load(params_ptr + 2)
-    c = tl.load(params_ptr + 3)
-    half_tanh = tl.load(params_ptr + 4)
-    ratio = tl.load(params_ptr + 5)
-    small = tl.load(params_ptr + 6)  # 1.0 where c is below the series threshold
+    lo, up, delta = _dsq_range(lo_ptr, up_ptr, min_width, nlev)
+    # dsq._sharpness: c = log1p(2 (1 - a) / a) with a clamped into [ALPHA_EPS, 1 - ALPHA_EPS] (log1p as
+    # x log(1 + x) / ((1 + x) - 1), accurate for small x), and d c / d alpha (0 outside the clamp).
+    al = tl.load(alpha_ptr)
+    a = tl.where(al < 1e-6, 1e-6, tl.where(al > 1.0 - 1e-6, 1.0 - 1e-6, al))
+    z = tl.math.div_rn(2.0 * (1.0 - a), a)
+    c = tl.where(1.0 + z == 1.0, z, z * tl.log(1.0 + z) / ((1.0 + z) - 1.0))
+    dc_dalpha = tl.where((al >= 1e-6) & (al <= 1.0 - 1e-6), -2.0 / (a * (2.0 - a)), 0.0)
+    half_tanh = _tanh(0.5 * c)
+    small = c < 0.25  # dsq._SERIES_C[float32]: below it the closed form of d g / d c cancels
+    ratio = c / (0.5 * (tl.exp(c) - tl.exp(-c)))  # c / sinh(c), used only where c >= 0.25
     r = _dsq_activation(v, ACTIVATION)
     inside = (r >= lo) & (r <= up)
     t = tl.math.div_rn(tl.where(inside, r, lo) - lo, delta)
@@ -267,24 +287,12 @@ def _dsq_backward_kernel(
     y2 = y * y
     series = (1.0 - 4.0 * y2) / 6.0 - c * c * (1.0 - 16.0 * y2 * y2) * (7.0 / 360.0)
     series += c * c * c * c * (1.0 - 64.0 * y2 * y2 * y2) * (31.0 / 15120.0)
-    dg_dc = tl.where(small > 0.5, g * (c * series), g * (h - ratio) / c)
-    sum_a = tl.sum(tl.where(inside, go * dg_dc, 0.0), axis=0)
+    dg_dc = tl.where(small, g * (c * series), g * (h - ratio) / c)
+    sum_a = tl.sum(tl.where(inside, go * dg_dc, 0.0), axis=0) * (delta * dc_dalpha)
     pid = tl.program_id(0)
     tl.store(partial_ptr + 3 * pid, sum_l.to(tl.float64))
     tl.store(partial_ptr + 3 * pid + 1, sum_u.to(tl.float64))
     tl.store(partial_ptr + 3 * pid + 2, sum_a.to(tl.float64))
-
-
-def _dsq_params(lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float) -> tuple[Tensor, ...]:
-    """The range and sharpness as 0-d float32 tensors on the device (the reference's helpers: no sync)."""
-    from lightning_quant.functional.dsq import _SERIES_C, _dc_dalpha, _range, _sharpness
-
-    lo, up, al = lower.reshape(()), upper.reshape(()), alpha.reshape(())
-    up_eff, delta = _range(lo, up, 2**bits - 1, min_width)
-    a, c = _sharpness(al)
-    small = c < _SERIES_C[torch.float32]
-    ratio = torch.where(small, torch.zeros_like(c), c / torch.sinh(c))
-    return lo, up_eff, delta, c, torch.tanh(0.5 * c), ratio, small.float(), _dc_dalpha(al, a)
 
 
 def _dsq_fits(x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor) -> bool:
@@ -325,16 +333,13 @@ def dsq_backward(
     if not _dsq_fits(x, lower, upper, alpha) or grad.shape != x.shape or grad.dtype != torch.float32:
         args = (bits, min_width, activation, need_lower, need_alpha)
         return dsq_backward_reference(grad, x, lower, upper, alpha, *args)
-    *scalars, dc_dalpha = _dsq_params(lower, upper, alpha, bits, min_width)
     grad_x = torch.empty_like(x)
     blocks = _grid(x.numel())
     partial = x.new_empty((blocks[0], 3), dtype=torch.float64)
     launch = wrap_triton(_dsq_backward_kernel)[blocks]
-    launch(
-        x, grad, grad_x, torch.stack(scalars), partial, x.numel(), float(2**bits - 1), ACTIVATION=activation, **_LAUNCH
-    )
-    grad_l, grad_u, sum_a = partial.sum(dim=0).float().unbind()
-    grad_a = sum_a * scalars[2] * dc_dalpha
+    nlev = float(2**bits - 1)
+    launch(x, grad, grad_x, lower, upper, alpha, partial, min_width, x.numel(), nlev, ACTIVATION=activation, **_LAUNCH)
+    grad_l, grad_u, grad_a = partial.sum(dim=0).float().unbind()
     # Separate tensors: a custom op's outputs may not be views of one another.
     return grad_x, grad_l.reshape(lower.shape).clone(), grad_u.reshape(upper.shape).clone(), grad_a.reshape(alpha.shape)
 
