@@ -7,7 +7,7 @@ characteristic variable ``alpha`` in ``(0, 1)`` (the "temperature") fixes the st
 ``k = log(2 / alpha - 1) / Delta`` and ``s = 1 / tanh(0.5 * k * Delta)`` (``= 1 / (1 - alpha)``), and
 
 * ``phi(x) = s * tanh(k * (x - m_i))`` (from -1 at the bin's left edge to +1 at its right edge),
-* the soft value ``Q_s(x) = l + Delta * (i + (phi(x) + 1) / 2)`` (:func:`dsq_soft`),
+* the soft value ``Q_s(x) = l + Delta * (i + (phi(x) + 1) / 2)`` (``dsq_soft`` in ``tests/test_dsq_numerics.py``),
 * the hard value ``Q(x) = l + Delta * (i + (sgn(phi(x)) + 1) / 2)``, i.e. ``x`` rounded to the nearest level.
 
 Writing ``c = k * Delta = log(2 / alpha - 1)`` (dimensionless), the slope is ``dQ_s/dx = 0.5 * s * c *
@@ -83,7 +83,6 @@ __all__ = [
     "ALPHA_EPS",
     "DEFAULT_MIN_WIDTH",
     "dsq_quantize",
-    "dsq_soft",
 ]
 
 ALPHA_EPS = 1e-6
@@ -425,62 +424,6 @@ def dsq_quantize(
         raise ValueError(f"`activation` must be None, 'relu' or 'relu6', got {activation!r}.")
     lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
     return dsq_forward(x, lo, up, al, bits, float(min_width), _ACTIVATIONS[activation])
-
-
-def dsq_soft(
-    x: Tensor,
-    lower: Bound,
-    upper: Bound,
-    alpha: Bound,
-    bits: int,
-    min_width: float = DEFAULT_MIN_WIDTH,
-) -> Tensor:
-    """The soft value ``Q_s`` (``l`` below the range, ``u`` above), built from ordinary differentiable ops.
-
-    Its autograd gradient is, by construction, what :func:`dsq_quantize` backpropagates; it serves as an
-    independent check of that analytic backward and for plots of the curve. NaN in ``x`` passes through with zero
-    gradient to the bounds, as in :func:`dsq_quantize`.
-
-    Args:
-        x: Input of any shape and floating dtype.
-        lower: Lower bound ``l`` (tensor or float).
-        upper: Upper bound ``u`` (tensor or float).
-        alpha: Characteristic variable in ``(0, 1)`` (tensor or float).
-        bits: Bit width, an int in 1..16.
-        min_width: Smallest range width, as in :func:`dsq_quantize`.
-
-    Returns:
-        ``Q_s(x)`` in the compute dtype (the promotion of the inputs' dtypes, at least float32).
-
-    Raises:
-        ValueError: If ``bits`` is not an int in 1..16 or ``min_width`` is not a finite number > 0.
-    """
-    check_bits(bits, "bits")
-    _check_min_width(min_width)
-    lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
-    dtype = _compute_dtype(x.dtype, lo.dtype, up.dtype, al.dtype)
-    xc, lo, up, al = x.to(dtype), lo.to(dtype), up.to(dtype), al.to(dtype)
-    n = 2**bits - 1
-    # Same guard as the forward, with the gradient passed straight through it to `upper` (values from the guard,
-    # gradients as if Delta = (u - l) / n), matching the analytic backward.
-    up_guard, delta_guard = _range(lo.detach(), up.detach(), n, min_width)
-    up_eff = up + (up_guard - up).detach()
-    delta_raw = (up - lo) / n
-    delta = delta_raw + (delta_guard - delta_raw).detach()
-
-    inside = (xc >= lo) & (xc <= up_eff)
-    xs = torch.where(inside, xc, lo)
-    t = (xs - lo) / delta
-    i = torch.floor(t.detach()).clamp(0, n - 1)
-    centre = lo + (i + 0.5) * delta
-    _, c = _sharpness(al)
-    k = c / delta
-    s = 1.0 / torch.tanh(0.5 * c)
-    phi = s * torch.tanh(k * (xs - centre))
-    q_soft = lo + delta * (i + (phi + 1.0) / 2.0)
-    clipped = torch.where(xc < lo, lo, up_eff)
-    out = torch.where(inside, q_soft, clipped)
-    return torch.where(torch.isnan(xc), xc, out)
 
 
 def _check_min_width(min_width: object) -> None:
