@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -22,6 +23,7 @@ import torch
 from accuracy import fp32_base, run_one
 
 from lightning_quant import DSQCallback, PACTCallback
+from lightning_quant.config import DSQConfig, PACTConfig
 
 ROWS = {
     "pact_w2a2_mse": lambda: [PACTCallback(2, 2, calibration="mse", verbose=False)],
@@ -33,7 +35,32 @@ ROWS = {
     ],
     "dsq_w2a2_percentile": lambda: [DSQCallback(2, 2, calibration="percentile", verbose=False)],
     "dsq_w2a2_quantizer_lr_2e-4": lambda: [DSQCallback(2, 2, quantizer_lr=2e-4, verbose=False)],
+    "dsq_w2a2_freeze_bn_0.5": lambda: [DSQCallback(2, 2, freeze_bn_stats=0.5, verbose=False)],
+    "dsq_w2a2_freeze_bn_0.5_t0.4": lambda: [DSQCallback(2, 2, freeze_bn_stats=0.5, temperature=0.4, verbose=False)],
+    "dsq_w2a2_freeze_bn_0.5_t0.4_percentile": lambda: [
+        DSQCallback(2, 2, freeze_bn_stats=0.5, temperature=0.4, calibration="percentile", verbose=False)
+    ],
+    "dsq_w2a2_freeze_bn_0.5_t0.6": lambda: [DSQCallback(2, 2, freeze_bn_stats=0.5, temperature=0.6, verbose=False)],
+    "dsq_a2_only": lambda: [DSQCallback(2, None, verbose=False)],
+    "dsq_w2_only": lambda: [DSQCallback(None, 2, verbose=False)],
+    "dsq_w2a2_lsq_weights": lambda: [DSQCallback(2, 2, verbose=False)],  # run with DSQ's weights swapped for LSQ's
+    "pact_w2a2_per_channel": lambda: [PACTCallback(2, 2, per_channel=True, verbose=False)],
+    "pact_w2a2_freeze_bn_0.75": lambda: [PACTCallback(2, 2, freeze_bn_stats=0.75, verbose=False)],
 }
+
+
+@contextlib.contextmanager
+def lsq_weights_in_dsq(row: str):
+    """For the diagnostic row ``dsq_w2a2_lsq_weights``: DSQ's activations with PACT's (LSQ) weight quantizer."""
+    if row != "dsq_w2a2_lsq_weights":
+        yield
+        return
+    original = DSQConfig.make_weight
+    DSQConfig.make_weight = lambda self, layer, name, bits: PACTConfig(bits, bits).make_weight(layer, name, bits)
+    try:
+        yield
+    finally:
+        DSQConfig.make_weight = original
 
 
 def main() -> None:
@@ -53,10 +80,11 @@ def main() -> None:
         for seed in args.seeds:
             state, fp32, _ = fp32_base(args.dataset, seed, args.weights)
             start = time.perf_counter()
-            if args.protocol == "finetune":
-                acc, _ = run_one(args.dataset, seed, 4, ROWS[row](), None, lr=2e-4, init_state=state)
-            else:
-                acc, _ = run_one(args.dataset, seed, 8, ROWS[row](), None, lr=1e-3)
+            with lsq_weights_in_dsq(row):
+                if args.protocol == "finetune":
+                    acc, _ = run_one(args.dataset, seed, 4, ROWS[row](), None, lr=2e-4, init_state=state)
+                else:
+                    acc, _ = run_one(args.dataset, seed, 8, ROWS[row](), None, lr=1e-3)
             accs.append(100 * acc)
             line = {"row": row, "seed": seed, "acc": 100 * acc, "fp32": 100 * fp32, "s": time.perf_counter() - start}
             print(json.dumps(line), flush=True)

@@ -5,8 +5,8 @@
 For each callback it trains the demo CNN on digits on the GPU in fp32 and bf16-mixed, checks every parameter stays
 on the GPU and finite, that the quantizer parameters moved, and that ``load_from_checkpoint`` gives the same eval
 outputs on the GPU; then it compares each quantizer's forward and backward on CUDA with the CPU result, and each
-custom op's Triton kernel on CUDA with the torch reference on the same CUDA tensors (the forwards and PACT's and
-DoReFa's backwards must be bit-identical; DSQ's gradients agree to float32 rounding). benchmarks/gpu_check.sh runs it
+custom op's Triton kernel on CUDA with the torch reference on the same CUDA tensors (the forwards and the input
+gradients must be bit-identical; DSQ's gradients agree to float32 rounding). benchmarks/gpu_check.sh runs it
 with the speed rows of the GPU targets.
 """
 
@@ -92,7 +92,7 @@ def compare_devices() -> list[str]:
 
 def check_triton_kernels() -> list[str]:
     """Each op on CUDA (its Triton kernel) against its torch reference on the same tensors."""
-    from lightning_quant.functional import _dispatch, dorefa, dsq, pact
+    from lightning_quant.functional import _dispatch, dorefa, dsq, lsq, pact
 
     assert _dispatch.triton_kernels() is not None, "triton is not importable: the CUDA ops run the torch reference"
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -116,6 +116,20 @@ def check_triton_kernels() -> list[str]:
     pairs["dorefa_backward"] = (
         (dorefa.dorefa_backward(grad, t, m, d, 15),),
         (dorefa.dorefa_backward_reference(grad, t, m, d, 15),),
+    )
+    w, step = x[: 64 * 4096].view(64, 4096) * 0.05, torch.rand(64, 1, device="cuda", generator=g) * 0.01 + 0.001
+    out_w, v = lsq.lsq_forward(w, step, 8, 7, 0.01, 1e-6)
+    pairs["lsq_forward"] = ((out_w, v), lsq.lsq_forward_reference(w, step, 8, 7, 0.01, 1e-6))
+    pairs["lsq_backward"] = (
+        lsq.lsq_backward(grad[: w.numel()].view(w.shape), v, step, 8, 7, 0.01)[:1],
+        lsq.lsq_backward_reference(grad[: w.numel()].view(w.shape), v, step, 8, 7, 0.01)[:1],
+    )
+    s, b = torch.tensor([0.05], device="cuda"), torch.tensor([-0.61], device="cuda")
+    out_p, q_p = lsq.lsq_plus_forward(x, s, b, 15, 0.01, 1e-3)
+    pairs["lsq_plus_forward"] = ((out_p, q_p), lsq.lsq_plus_forward_reference(x, s, b, 15, 0.01, 1e-3))
+    pairs["lsq_plus_backward"] = (
+        lsq.lsq_plus_backward(grad, q_p, s, b, 15, 0.01, 1e-3)[:1],
+        lsq.lsq_plus_backward_reference(grad, q_p, s, b, 15, 0.01, 1e-3)[:1],
     )
     out = []
     for name, (got, want) in pairs.items():

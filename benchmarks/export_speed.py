@@ -2,10 +2,11 @@
 
 Every model is run in one process, sessions interleaved per repetition, medians of ``--reps`` runs after warm-ups,
 at 1 and 2 intra-op threads. The input is 32x32 (28x28 MNIST would need AdaptiveAvgPool2d(2) on 7x7, which the
-TorchScript exporter refuses). The quantized model is PACT W4A4 (DoReFa weights, first and last layers float, as the
-paper), trained a few steps so the clips are off their init; ``export_onnx`` writes it twice: the exact fake-quant
-graph (run with onnxruntime's QDQ fusions off, as :func:`lightning_quant.export.onnxruntime_session` does) and the
-integer-kernel graph (fusions on: QLinearConv).
+TorchScript exporter refuses). The quantized model is PACT W4A4 (LSQ weights, first and last layers float; fc1's
+input, an average pool, on its LSQ+ grid), trained a few steps so the clips are off their init; ``export_onnx``
+writes it twice: the exact fake-quant graph (run with onnxruntime's QDQ fusions off, as
+:func:`lightning_quant.export.onnxruntime_session` does) and the integer-kernel graph (fusions on; the integer ops
+of onnxruntime's optimized graph are printed).
 
     python benchmarks/export_speed.py --reps 50 --batch 64 --input-size 32
 """
@@ -13,6 +14,7 @@ integer-kernel graph (fusions on: QLinearConv).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import tempfile
@@ -51,6 +53,18 @@ def _median_ms(session, x: np.ndarray, reps: int) -> float:
     return statistics.median(times)
 
 
+def _integer_ops(path: str, folder: str) -> str:
+    """The integer ops (QLinear*, *Integer*) of onnxruntime's optimized graph of ``path``, with their counts."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = f"{folder}/optimized.onnx"
+    options.log_severity_level = 3  # its note that the saved graph is hardware specific
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    return ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()) if op.startswith("QLinear") or "Integer" in op)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=50)
@@ -84,6 +98,7 @@ def main() -> None:
         f"DemoCNN (input 1x{args.input_size}x{args.input_size}), batch {args.batch}, median of {args.reps} runs,"
         f" onnxruntime {__import__('onnxruntime').__version__}, onnx {onnx.__version__}, torch {torch.__version__}\n"
     )
+    print(f"integer kernels in onnxruntime's optimized graph: {_integer_ops(paths['integer kernels'], folder)}\n")
     print("| model | threads | median ms | file KiB |")
     print("|---|---|---|---|")
     for name, threads, ms in rows:

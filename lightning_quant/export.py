@@ -25,6 +25,9 @@ How each quantizer exports (``k`` bits, ``L = 2^k - 1``):
   Q/DQ with scale ``Delta = (u - l) / L``. With ``l = 0`` the zero point is 0; a learned ``l != 0`` exports as
   ``Sub(l)`` before the Q and ``Add(l)`` after the DQ (the same float operations torch does). torch returns ``u``
   itself for the top level, where ``L * Delta`` can miss it by an ulp: a ``Where`` puts ``u`` back in that case.
+* ``LSQPlusInput``: the integer grid through 0 it trains on: ``Clip`` to its end levels ``(-z s, (L - z) s)``,
+  then Q/DQ with scale ``s`` and the integer zero point ``z`` (UINT4 for ``k <= 4``, else UINT8/UINT16).
+* ``DSQInput``: as ``DSQActivation`` without the ReLU: ``Clip(l, u)``, ``Sub(l)``, Q/DQ, ``Add(l)``.
 * ``DSQWeight``: codes ``i`` in ``0..L`` (unsigned), ``DequantizeLinear(i, Delta, 0)``, then ``Add(l)`` unless
   ``l = 0`` (and the same top-level ``Where``). ``l / Delta`` is practically never an integer after training, and
   an integer zero point rounded from it would move every level.
@@ -213,22 +216,15 @@ def _lsq_grid(module: LSQWeight, weight: Tensor) -> Grid:
     return Grid(scale.numpy(), 0, module.qmin, module.qmax, axis=module.channel_axis % weight.dim())
 
 
-def _lsq_grid(module: LSQWeight, weight: Tensor) -> Grid:
-    # Codes in [qmin, qmax] with zero point 0; the step per tensor (0-d) or per output channel.
-    scale = module.scale().detach().float()
-    if not module.per_channel:
-        return Grid(scale.reshape(()).numpy(), 0, module.qmin, module.qmax)
-    return Grid(scale.numpy(), 0, module.qmin, module.qmax, axis=module.channel_axis % weight.dim())
-
-
-#: Activation quantizer type -> ``rule(module, site, bits) -> Grid``. Exact types: a subclass may compute otherwise.
 def _lsq_plus_input_grid(module: LSQPlusInput, site: int, bits: int) -> Grid:
-    # functional/lsq.py: round(clamp((x - beta) / s, 0, L)) * s + beta, s = (upper - lower) / L floored at MIN_STEP.
+    # functional/lsq.py in float32: s = max(step, MIN_STEP), z = clamp(round(-beta / s), 0, L), beta = min(lower, 0);
+    # y = (clamp(round(x / s) + z, 0, L) - z) * s is Clip to the end levels, then QuantizeLinear/DequantizeLinear.
+    lo, _ = module.ends()
     step = module.step(bits).detach().float().reshape(()).clamp_min(INPUT_MIN_STEP)
-    beta = float(module.lower.detach().float().reshape(()))
     levels = 2**bits - 1
-    top = float(torch.tensor(beta, dtype=torch.float32) + step * levels)
-    return Grid(step.numpy(), 0, 0, levels, offset=None if beta == 0.0 else beta, clip=(beta, top))
+    zero_point = int(torch.round(-lo.detach().float().reshape(()) / step).clamp(0, levels))
+    ends = (float((0 - zero_point) * step), float((levels - zero_point) * step))
+    return Grid(step.numpy(), zero_point, 0, levels, clip=ends)
 
 
 def _dsq_input_grid(module: DSQInput, site: int, bits: int) -> Grid:
@@ -236,6 +232,7 @@ def _dsq_input_grid(module: DSQInput, site: int, bits: int) -> Grid:
     return replace(_dsq_grid(lo, up, delta, n), clip=(lo, up))
 
 
+#: Activation quantizer type -> ``rule(module, site, bits) -> Grid``. Exact types: a subclass may compute otherwise.
 ACTIVATION_RULES: dict[type[nn.Module], Callable[[Any, int, int], Grid]] = {
     PACTActivation: _pact_grid,
     DSQActivation: _dsq_activation_grid,

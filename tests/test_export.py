@@ -373,6 +373,36 @@ def test_integer_kernels(tmp_path) -> None:
     assert np.abs(result["out"] - result["ref"]).max() <= 0.2 * scale
 
 
+def test_lsq_plus_inputs_have_an_integer_zero_point(tmp_path) -> None:
+    """LSQ+ input grids (LayerNorm, GELU, attention outputs) export as Q/DQ with the integer zero point they train on
+    (no float offset), so the transformer also runs with integer kernels."""
+    model, shape = _trained("transformer", "pact", 4)
+    path = export_onnx(model, torch.randn(2, *shape), tmp_path / "int.onnx", integer_kernels=True)
+    records = [r for r in quantized_tensors(path) if r["quantizer"] == "LSQPlusInput"]
+    assert {r["name"] for r in records} == {
+        "qkv.input_quantizer",
+        "proj.input_quantizer",
+        "fc1.input_quantizer",
+        "fc2.input_quantizer",
+    }
+    for r in records:
+        lower = float(model.get_submodule(r["name"]).lower)
+        assert r["offset"] is None and r["zero_point"] == round(-min(lower, 0.0) / r["scale"])
+        assert r["clip"][0] == pytest.approx(-r["zero_point"] * r["scale"], rel=1e-6)
+    assert any(0 < r["zero_point"] < 15 for r in records)  # signed inputs: a zero point inside the range
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    # No Q/DQ follows these MatMuls (attention, GELU, residual), so onnxruntime fuses the integer product with a
+    # float output: one integer MatMul per quantized layer.
+    assert optimized.count("MatMulIntegerToFloat") + optimized.count("QLinearMatMul") == 4, optimized
+    result = _compare_codes(model, path, torch.randn(8, *shape), integer_kernels=True)
+    fraction = result["flips"] / result["total"]
+    print(f"integer kernels, transformer pact 4: {result['flips']}/{result['total']} codes differ ({fraction:.2e})")
+    assert fraction < 0.05 and result["step"] <= 2
+
+
 def _shape_of(model_name: str) -> tuple[int, ...]:
     return MODELS[model_name][1]
 

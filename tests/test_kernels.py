@@ -31,7 +31,7 @@ from lightning_quant.functional.dsq import (
     dsq_forward_reference,
     dsq_quantize,
 )
-from lightning_quant.functional.lsq import lsq_backward, lsq_forward
+from lightning_quant.functional.lsq import lsq_backward, lsq_forward, lsq_plus_backward, lsq_plus_forward
 from lightning_quant.functional.pact import (
     pact_backward,
     pact_backward_reference,
@@ -216,10 +216,16 @@ def _opcheck_cases() -> list[tuple[object, tuple]]:
             (x.clone().requires_grad_(True), torch.tensor([[0.3], [0.2], [0.5]], requires_grad=True), 8, 7, 0.1, 1e-6),
         ),
         (lsq_backward, (torch.randn(3, 5), x / 0.3, torch.tensor([[0.3], [0.2], [0.5]]), 8, 7, 0.1)),
+        (lsq_plus_forward, (x.clone().requires_grad_(True), *_lsq_plus_params(), 15, 0.1, 1e-6)),
+        (lsq_plus_backward, (torch.randn(3, 5), x / 0.3, *(p.detach() for p in _lsq_plus_params()), 15, 0.1, 1e-6)),
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+def _lsq_plus_params() -> tuple[Tensor, Tensor]:
+    return torch.tensor([0.3], requires_grad=True), torch.tensor([-1.0], requires_grad=True)
+
+
+@pytest.mark.parametrize("index", range(10))
 def test_ops_pass_opcheck(index: int) -> None:
     # Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.library documents.
     op, args = _opcheck_cases()[index]

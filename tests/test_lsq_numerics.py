@@ -1,4 +1,5 @@
-"""Numerics of LSQ (Esser et al. 2019) and of the LSQWeight module, checked against the paper's formulas.
+"""Numerics of LSQ (Esser et al. 2019) and of the LSQWeight module, checked against the paper's formulas; LSQ+
+(Bhalgat et al. 2020) on the integer grid of ONNX QuantizeLinear/DequantizeLinear, and the LSQPlusInput module.
 
 Expected values are computed here by hand (in comments) or with plain float64 torch ops written out from the paper,
 never read off the code under test. ``torch.round`` rounds half to even, as the formula's ``round`` does here.
@@ -13,8 +14,9 @@ import torch
 from torch import Tensor
 
 from lightning_quant.functional.dorefa import dorefa_quantize_weight
-from lightning_quant.functional.lsq import lsq_quantize, lsq_range
+from lightning_quant.functional.lsq import lsq_plus_quantize, lsq_quantize, lsq_range
 from lightning_quant.quantizers import DoReFaWeight, LSQWeight
+from lightning_quant.quantizers.inputs import LSQPlusInput, estimate_range
 from lightning_quant.quantizers.lsq import MIN_STEP
 
 F64 = torch.float64
@@ -330,3 +332,169 @@ def test_argument_errors() -> None:
 def test_extra_repr() -> None:
     assert repr(LSQWeight(4)) == "LSQWeight(bits=4, per_channel=False, narrow=False)"
     assert "channel_axis=1" in repr(LSQWeight(2, per_channel=True, channel_axis=1, narrow=True))
+
+
+# ------------------------------------------------------------------------------------ LSQ+ (integer zero point)
+
+
+def plus_leaves(x: list[float] | Tensor, s: float, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    x = torch.as_tensor(x, dtype=F64).clone().requires_grad_(True)
+    return x, torch.tensor([s], dtype=F64, requires_grad=True), torch.tensor([beta], dtype=F64, requires_grad=True)
+
+
+def ref_lsq_plus(x: Tensor, s: float, beta: float, levels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Elementwise: y = (clamp(round(x/s) + z, 0, L) - z) s with z = clamp(round(-beta/s), 0, L); dy/dx, dy/ds (LSQ
+    inside, the saturated level's (c - z) plus dy/dz dz/ds = u outside), dy/dbeta (dy/dz dz/dbeta = 1 outside),
+    z passed straight through its rounding but not through its clamp."""
+    u = -beta / s
+    z = min(max(round(u), 0), levels)  # Python's round is half to even, as torch.round
+    q = x / s
+    v = q + z
+    y = (torch.clamp(torch.round(q) + z, 0, levels) - z) * s
+    inside, low, high = (v > 0) & (v < levels), v <= 0, v >= levels
+    moves = 0 <= round(u) <= levels
+    pull = u if moves else 0.0
+    ds = torch.where(inside, torch.round(q) - q, torch.zeros_like(q))
+    ds = ds + low.to(F64) * (pull - z) + high.to(F64) * (levels - z + pull)
+    dbeta = ((low | high) & moves).to(F64)
+    return y, inside.to(F64), ds, dbeta
+
+
+def test_lsq_plus_hand_computed_3_bits() -> None:
+    # 3 bits (L = 7), s = 0.5, beta = -0.8: u = -beta / s = 1.6, z = 2, levels (c - 2) * 0.5 = -1.0 .. 2.5 (0 is one;
+    # the continuous LSQ+ grid -0.8 + i * 0.5 had none). x / s = [-2.6, -0.6, 0, 1.48, 5.2, 5.0], v = x / s + 2 =
+    # [-0.6 (low), 1.4, 2, 3.48, 7.2 (high), 7.0 (= L: saturated)].
+    # codes clamp(round(x / s) + 2, 0, 7) = [0, 1, 2, 3, 7, 7] -> y = [-1.0, -0.5, 0, 0.5, 2.5, 2.5]
+    x, s, beta = plus_leaves([-1.3, -0.3, 0.0, 0.74, 2.6, 2.5], 0.5, -0.8)
+    out = lsq_plus_quantize(x, s, beta, 3, grad_scale=1.0)
+    assert out.tolist() == [-1.0, -0.5, 0.0, 0.5, 2.5, 2.5]
+    out.backward(torch.tensor([1.0, 10.0, 100.0, 1000.0, 1e4, 1e5], dtype=F64))
+    assert x.grad.tolist() == [0.0, 10.0, 100.0, 1000.0, 0.0, 0.0]
+    # dy/ds: low -z + u = -0.4; inside round(q) - q = -1 + 0.6 = -0.4, 0, 1 - 1.48 = -0.48; high L - z + u = 6.6
+    expected = -0.4 * 1 - 0.4 * 10 + 0 * 100 - 0.48 * 1000 + 6.6 * 1e4 + 6.6 * 1e5
+    assert math.isclose(s.grad.item(), expected, rel_tol=1e-12)
+    assert beta.grad.item() == 1 + 1e4 + 1e5  # dy/dbeta: 1 on the saturated outputs only
+    # Default grad scale (LSQ's g = 1 / sqrt(N L)) on the step only.
+    x, s, beta = plus_leaves([-1.3, -0.3, 0.0, 0.74, 2.6, 2.5], 0.5, -0.8)
+    lsq_plus_quantize(x, s, beta, 3).sum().backward()
+    ones = -0.4 - 0.4 + 0 - 0.48 + 6.6 + 6.6
+    assert math.isclose(s.grad.item(), ones / math.sqrt(6 * 7), rel_tol=1e-12)
+    assert beta.grad.item() == 3.0
+
+
+def test_lsq_plus_zero_point_clamped_to_code_range() -> None:
+    # beta = 0.3 > 0, s = 0.5, 2 bits: u = -0.6 rounds to -1, clamped to z = 0: levels 0, 0.5, 1, 1.5; z does not
+    # move, so beta gets no gradient and the saturated outputs' dy/ds is (c - z) alone: low 0, high L = 3.
+    x, s, beta = plus_leaves([-0.2, 0.6, 2.0], 0.5, 0.3)
+    out = lsq_plus_quantize(x, s, beta, 2, grad_scale=1.0)
+    assert out.tolist() == [0.0, 0.5, 1.5]
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]
+    assert math.isclose(s.grad.item(), 0 + (1 - 1.2) + 3, rel_tol=1e-12)
+    assert beta.grad.item() == 0.0
+    # beta = -3, s = 0.5, 2 bits: u = 6 > L, z = 3: levels -1.5 .. 0. x / s = [-4, 2]: codes 0 and 3.
+    x, s, beta = plus_leaves([-2.0, 1.0], 0.5, -3.0)
+    out = lsq_plus_quantize(x, s, beta, 2, grad_scale=1.0)
+    assert out.tolist() == [-1.5, 0.0]
+    out.sum().backward()
+    assert s.grad.item() == -3.0 + 0.0 and beta.grad.item() == 0.0
+
+
+def test_lsq_plus_rounds_before_adding_the_zero_point() -> None:
+    # s = 1, beta = -2.25 (z = 2): x / s = 0.5 rounds half to even to 0 -> y = 0; the continuous grid rounded
+    # (x - beta) / s = 2.75 to 3, giving 0.75. Ties: -1.5 -> -2, -0.5 -> 0, 1.5 -> 2, 2.5 -> 2.
+    x, s, beta = plus_leaves([-1.5, -0.5, 0.5, 1.5, 2.5], 1.0, -2.25)
+    assert lsq_plus_quantize(x, s, beta, 3, grad_scale=1.0).tolist() == [-2.0, 0.0, 0.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("beta", [-0.37, -1.9, 0.0])
+def test_lsq_plus_matches_formulas(bits: int, beta: float) -> None:
+    levels = 2**bits - 1
+    g = torch.Generator().manual_seed(bits)
+    x0 = torch.randn(400, dtype=F64, generator=g) * 2
+    s0 = 3.0 / levels  # a range of 3: both ends saturate for every beta here
+    up = torch.randn(400, dtype=F64, generator=g)
+    x, s, b = plus_leaves(x0, s0, beta)
+    out = lsq_plus_quantize(x, s, b, bits, grad_scale=0.3)
+    out.backward(up)
+    ref_y, ref_dx, ref_ds, ref_db = ref_lsq_plus(x0, s0, beta, levels)
+    assert torch.equal(out.detach(), ref_y)
+    assert torch.equal(x.grad, up * ref_dx)
+    assert math.isclose(s.grad.item(), 0.3 * (up * ref_ds).sum().item(), rel_tol=1e-10, abs_tol=1e-12)
+    assert math.isclose(b.grad.item(), (up * ref_db).sum().item(), rel_tol=1e-12, abs_tol=1e-12)
+    z = min(max(round(-beta / s0), 0), levels)
+    codes = torch.round(out.detach() / s0) + z
+    assert codes.min() == 0 and codes.max() == levels  # both ends reached
+    assert torch.equal(codes, torch.round(codes)) and (out.detach() == 0).any()  # an integer grid through 0
+
+
+def test_lsq_plus_is_torch_integer_fake_quant() -> None:
+    # float32: the same levels as torch's own integer fake-quant with that zero point, except where x / s is a tie
+    # within float rounding (torch multiplies by 1 / s, we divide as QuantizeLinear does).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10_000, generator=g) * 2
+    s, beta = torch.tensor([0.0713]), torch.tensor([-1.234])
+    z = int(torch.round(-beta / s))
+    ours = lsq_plus_quantize(x, s, beta, 5)
+    theirs = torch.fake_quantize_per_tensor_affine(x, float(s), z, 0, 31)
+    near_tie = ((x / s - torch.floor(x / s)) - 0.5).abs() < 1e-4
+    assert torch.equal(ours[~near_tie], theirs[~near_tie]) and near_tie.sum() < 10
+
+
+def test_lsq_plus_nan_and_step_floor() -> None:
+    x, s, beta = plus_leaves([0.3, float("nan"), 5.0], -1.0, -0.5)
+    out = lsq_plus_quantize(x, s, beta, 2, grad_scale=1.0, min_step=0.5)
+    # s -> 0.5, u = 1, z = 1: levels -0.5 .. 1.0. 0.3 / 0.5 = 0.6 -> 1 -> 0.5; 5 / 0.5 = 10 -> high -> 1.0
+    assert math.isnan(out[1].item()) and out[[0, 2]].tolist() == [0.5, 1.0]
+    out.sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0, 0.0]
+    assert math.isclose(s.grad.item(), (1 - 0.6) + (3 - 1 + 1), rel_tol=1e-12)  # straight through the floor
+    assert beta.grad.item() == 1.0
+
+
+def test_lsq_plus_input_learns_through_its_ends() -> None:
+    # lower -1, upper 2, 2 bits: s = 1, u = 1, z = 1. x = [-1.7 (low), 0.4, 2.6 (high)] -> [-1, 0, 2].
+    q = LSQPlusInput(2).double()
+    with torch.no_grad():
+        q.lower.fill_(-1.0)
+        q.upper.fill_(2.0)
+    out = q(torch.tensor([-1.7, 0.4, 2.6], dtype=F64))
+    assert out.tolist() == [-1.0, 0.0, 2.0]
+    out.backward(torch.tensor([1.0, 10.0, 100.0], dtype=F64))
+    # dy/ds: (-z + u) * 1 + (0 - 0.4) * 10 + (L - z + u) * 100 = 296, times g = 1 / sqrt(3 * 3); dy/dbeta = 1 + 100.
+    ds, dbeta = 296 / 3, 101.0
+    assert math.isclose(q.upper.grad.item(), ds / 3, rel_tol=1e-12)  # s = (upper - lower) / 3
+    assert math.isclose(q.lower.grad.item(), dbeta - ds / 3, rel_tol=1e-12)
+
+
+def test_lsq_plus_input_range_keeps_zero() -> None:
+    # lower pushed above 0: the grid spans [0, upper] (0 is a level of every integer grid), and the lower end still
+    # gets the gradient of the low outputs, so it can come back.
+    q = LSQPlusInput(2).double()
+    with torch.no_grad():
+        q.lower.fill_(0.5)
+        q.upper.fill_(1.5)
+    out = q(torch.tensor([-1.0, 0.7, 3.0], dtype=F64))
+    assert out.tolist() == [0.0, 0.5, 1.5]
+    out[0].backward()
+    assert q.lower.grad.item() == 1.0
+
+
+def test_lsq_plus_mse_calibration_measures_the_integer_grid() -> None:
+    # The "mse" search picks the shrink factor whose *integer* grid has the least error: recompute by hand.
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(3000, generator=g, dtype=F64), torch.rand(30, generator=g, dtype=F64) * 9 - 3])
+    levels = 3
+    errors = []
+    for f in torch.linspace(0.02, 1.0, 50, dtype=F64).tolist():
+        lo, hi = f * x.min().item(), f * x.max().item()
+        s = (hi - lo) / levels
+        z = min(max(round(-lo / s), 0), levels)
+        y = (torch.clamp(torch.round(x / s) + z, 0, levels) - z) * s
+        errors.append((((y - x) ** 2).mean().item(), f, s, z))
+    _, f, _, _ = min(errors)
+    lo, hi = estimate_range(x, 2, "mse", zero_point=True).tolist()
+    assert lo == pytest.approx(f * x.min().item(), rel=1e-12) and hi == pytest.approx(f * x.max().item(), rel=1e-12)
+    # DSQ's continuous grid lo + i s is another grid: its search picks another factor here.
+    assert estimate_range(x, 2, "mse").tolist() != [lo, hi]

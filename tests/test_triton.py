@@ -20,7 +20,12 @@ from helpers import assert_same, dorefa_input, pact_input
 
 from lightning_quant.functional.dorefa import dorefa_backward_reference, dorefa_forward_reference
 from lightning_quant.functional.dsq import dsq_backward_reference, dsq_forward_reference
-from lightning_quant.functional.lsq import lsq_backward_reference, lsq_forward_reference
+from lightning_quant.functional.lsq import (
+    lsq_backward_reference,
+    lsq_forward_reference,
+    lsq_plus_backward_reference,
+    lsq_plus_forward_reference,
+)
 from lightning_quant.functional.pact import pact_backward_reference, pact_forward_reference
 
 pytest.importorskip("triton")
@@ -134,3 +139,22 @@ def test_dsq_forward_guards_a_collapsed_range_as_the_reference(lo: float, up: fl
     x = torch.linspace(-1, 2, 2049)
     args = (torch.tensor(lo), torch.tensor(up), torch.tensor(0.3), 4, min_width, 0)
     assert_same(tk.dsq_forward(x, *args), dsq_forward_reference(x, *args))
+
+
+@interpreted
+@pytest.mark.parametrize(("step", "offset"), [(0.05, -0.61), (0.05, 0.3), (1e-9, -0.2)])  # z inside, z clamped, floor
+def test_lsq_plus_is_bit_identical_to_the_reference(step: float, offset: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2500, generator=g) * 0.4
+    x[:4] = torch.tensor([float("nan"), 0.0, -5.0, 5.0])
+    grad = torch.randn(x.shape, generator=g)
+    s, b = torch.tensor([step]), torch.tensor([offset])
+    args = (15, 0.01, 1e-3)
+    out, q = tk.lsq_plus_forward(x, s, b, *args)
+    out_ref, q_ref = lsq_plus_forward_reference(x, s, b, *args)
+    assert_same(out, out_ref)
+    assert_same(q, q_ref)
+    got, want = tk.lsq_plus_backward(grad, q, s, b, *args), lsq_plus_backward_reference(grad, q_ref, s, b, *args)
+    assert_same(got[0], want[0])
+    for a, w in zip(got[1:], want[1:]):  # float64 sums in another order, then rounded to float32
+        torch.testing.assert_close(a, w, rtol=1e-6, atol=0)

@@ -199,35 +199,129 @@ def lsq_quantize(
     return lsq_forward(w, step, qn, qp, float(grad_scale), float(min_step))[0]
 
 
+def _zero_point(step: Tensor, offset: Tensor, levels: int, min_step: float, ct: torch.dtype) -> tuple[Tensor, ...]:
+    """The floored step ``s``, ``u = -beta / s`` (the zero point before rounding) and ``z = clamp(round(u), 0, L)``."""
+    s = step.to(ct).clamp_min(min_step)
+    u = -offset.to(ct) / s
+    return s, u, torch.round(u).clamp(0, levels)
+
+
+def lsq_plus_forward_reference(
+    x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor]:
+    """The quantized ``x`` (in its dtype) and ``q = x / s`` in the compute dtype (at least float32), in torch ops.
+    (``grad_scale`` is the backward's; an input here so the autograd registration can read it.)"""
+    ct = torch.promote_types(torch.promote_types(x.dtype, step.dtype), torch.float32)
+    s, _, z = _zero_point(step, offset, levels, min_step, ct)
+    q = x.to(ct) / s
+    # What QuantizeLinear / DequantizeLinear compute: round, add the integer zero point, saturate, subtract it.
+    return ((torch.clamp(torch.round(q) + z, 0, levels) - z) * s).to(x.dtype), q
+
+
+def lsq_plus_backward_reference(
+    grad: Tensor, q: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``x``, the step and the offset (:func:`lsq_plus_quantize`'s formulas, sums in float64)."""
+    _, u, z = _zero_point(step, offset, levels, min_step, q.dtype)
+    v = q + z  # the code before rounding: LSQ's regions are decided on it; NaN is in none of them
+    inside, low, high = (v > 0) & (v < levels), v <= 0, v >= levels
+    # z moves with beta and s straight through its rounding, not through its clamp to [0, L].
+    z_moves = (torch.round(u) >= 0) & (torch.round(u) <= levels)
+    pulled = (low | high) & z_moves  # saturated outputs (0 - z) s and (L - z) s follow z
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    ds = torch.where(inside, torch.round(q) - q, zero)
+    ds = ds + torch.where(low, -z, zero) + torch.where(high, levels - z, zero)
+    ds = ds + torch.where(pulled, u, zero)  # dy/dz * dz/ds = (-s) * (-u / s)
+    g64 = grad.to(torch.float64)
+    grad_step = ((g64 * ds.to(torch.float64)).sum() * grad_scale).reshape(step.shape).to(step.dtype)
+    # dy/dz * dz/dbeta = (-s) * (-1 / s) = 1 on the saturated outputs
+    grad_offset = (g64 * pulled.to(torch.float64)).sum().reshape(offset.shape).to(offset.dtype)
+    return grad * inside.to(grad.dtype), grad_step, grad_offset
+
+
+@torch.library.custom_op("lightning_quant::lsq_plus_forward", mutates_args=())
+def lsq_plus_forward(
+    x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor]:
+    return lsq_plus_forward_reference(x, step, offset, levels, grad_scale, min_step)
+
+
+@torch.library.custom_op("lightning_quant::lsq_plus_backward", mutates_args=())
+def lsq_plus_backward(
+    grad: Tensor, q: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return lsq_plus_backward_reference(grad, q, step, offset, levels, grad_scale, min_step)
+
+
+@lsq_plus_forward.register_fake
+def _(x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float):
+    ct = torch.promote_types(torch.promote_types(x.dtype, step.dtype), torch.float32)
+    return torch.empty_like(x), torch.empty_like(x, dtype=ct)
+
+
+@lsq_plus_backward.register_fake
+def _(grad, q, step, offset, levels, grad_scale, min_step):
+    return torch.empty_like(grad), torch.empty_like(step), torch.empty_like(offset)
+
+
+def _plus_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    _, step, offset, *ctx.args = inputs
+    ctx.save_for_backward(output[1], step, offset)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _plus_backward(ctx, grad: Tensor, _grad_q: Tensor | None) -> tuple:
+    if grad is None:
+        return None, None, None, None, None, None
+    q, step, offset = ctx.saved_tensors
+    grads = lsq_plus_backward(grad, q, step, offset, *ctx.args)
+    return (*(g if n else None for g, n in zip(grads, ctx.needs_input_grad)), None, None, None)
+
+
+lsq_plus_forward.register_autograd(_plus_backward, setup_context=_plus_setup_context)
+register_cuda(lsq_plus_forward, "lsq_plus_forward", lsq_plus_forward_reference)
+register_cuda(lsq_plus_backward, "lsq_plus_backward", lsq_plus_backward_reference)
+
+
 def lsq_plus_quantize(
     x: Tensor, scale: Tensor, offset: Tensor, bits: int, grad_scale: float | None = None, min_step: float = 0.0
 ) -> Tensor:
-    """LSQ+ (Bhalgat et al. 2020): an unsigned grid with a learned step ``s`` and a learned offset ``beta``.
+    """LSQ+ (Bhalgat et al. 2020) on an integer grid: a learned step ``s`` and offset ``beta``, an integer zero point.
 
-    Forward, with ``v = (x - beta) / s`` and ``L = 2**bits - 1``::
+    The levels are those of integer hardware (and of ONNX QuantizeLinear/DequantizeLinear): the offset enters as
+    the integer zero point ``z = clamp(round(-beta / s), 0, L)``, so 0 is always a level and the lowest level is
+    ``-z s``, within ``s / 2`` of ``beta``. Forward, with ``L = 2**bits - 1``::
 
-        y = round(clamp(v, 0, L)) * s + beta
+        y = (clamp(round(x / s) + z, 0, L) - z) * s
 
-    Backward (LSQ's, on the shifted input; the offset's follows from ``y = f(x - beta) + beta``)::
+    Backward: torch.ao's learnable fake-quant gradients for ``(s, z)`` (LSQ's for the step, the zero point's
+    ``-s`` on saturated outputs), with ``z = -beta / s`` taken straight through its rounding (not through its clamp:
+    where the clamp binds, z does not move). With ``v = x / s + z``, LSQ's regions (``v == 0`` and ``v == L`` count
+    as saturated) and ``u = -beta / s``::
 
         dy/dx    = 1 if 0 < v < L else 0
-        dy/ds    = round(v) - v inside, 0 if v <= 0, L if v >= L          (times ``grad_scale``)
-        dy/dbeta = 0 inside, 1 outside
+        dy/ds    = round(x / s) - x / s    if 0 < v < L          (times ``grad_scale``)
+                 = -z + u                  if v <= 0             (u only where z moves)
+                 = L - z + u               if v >= L
+        dy/dbeta = 0 inside, 1 saturated (0 where z is clamped)
 
-    Used for the input of a weight layer whose input is signed or not on a grid yet (GELU, SiLU, Hardswish outputs,
-    residual sums, pooling, LayerNorm, embeddings). Levels are ``code * s + beta`` (an ONNX DequantizeLinear with
-    zero point 0 followed by an Add of ``beta``).
+    The saturated outputs thus follow their end as LSQ+'s continuous ``round(clamp((x - beta) / s, 0, L)) s +
+    beta`` did (``u - z`` is the rounding of the zero point), while the output is exactly what an integer runtime
+    computes. Used for the input of a weight layer whose input is signed or not on a grid yet (GELU, SiLU,
+    Hardswish outputs, residual sums, pooling, LayerNorm, embeddings). NaN inputs give NaN and no gradient.
 
     Args:
         x: The input, any shape and floating dtype.
         scale: The step ``s``, shape ``(1,)``.
-        offset: The offset ``beta`` (the lowest level), shape ``(1,)``.
+        offset: The offset ``beta`` (the lowest level before its rounding to ``-z s``), shape ``(1,)``.
         bits: Bit width, 1..16.
         grad_scale: Factor on the step's gradient; None: ``1 / sqrt(x.numel() * L)`` (LSQ's ``g``).
         min_step: Floor of the step in the forward (straight-through).
 
     Returns:
-        The fake-quantized input, same shape and dtype as ``x``.
+        The fake-quantized input, same shape and dtype as ``x``: ``(code - z) * s`` with integer codes in ``0..L``,
+        computed in at least float32.
 
     Raises:
         ValueError: If ``bits`` is not an int in 1..16 or ``grad_scale`` is not a finite positive number.
@@ -240,5 +334,4 @@ def lsq_plus_quantize(
         grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * levels)
     elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
         raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
-    shifted = lsq_forward(x - offset.to(x.dtype), scale, 0, levels, float(grad_scale), float(min_step))[0]
-    return shifted + offset.to(shifted.dtype)
+    return lsq_plus_forward(x, scale, offset, levels, float(grad_scale), float(min_step))[0]

@@ -419,3 +419,87 @@ def lsq_backward(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_s
     launch = wrap_triton(_lsq_backward_kernel)[grid]
     launch(grad, v, grad_w, partial, inner, grid[1], float(qn), float(qp), **_LAUNCH)
     return grad_w, (partial.sum(dim=1) * grad_scale).reshape(step.shape).to(step.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ LSQ+
+
+
+@triton.jit
+def _lsq_plus_scalars(step_ptr, offset_ptr, min_step, levels):
+    """lsq._zero_point in float32: the floored step, u = -beta / s and z = clamp(round(u), 0, L)."""
+    s = tl.load(step_ptr)
+    s = tl.where(s < min_step, min_step, s)
+    u = tl.math.div_rn(-tl.load(offset_ptr), s)
+    ru = _rint(u)  # beyond 2**22 inexact, but then clamped to 0 or L all the same
+    return s, u, ru, tl.where(ru < 0.0, 0.0, tl.where(ru > levels, levels, ru))
+
+
+@triton.jit
+def _lsq_plus_forward_kernel(x_ptr, step_ptr, offset_ptr, out_ptr, q_ptr, min_step, levels, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s, u, ru, z = _lsq_plus_scalars(step_ptr, offset_ptr, min_step, levels)
+    q = tl.math.div_rn(tl.load(x_ptr + offs, mask=mask), s)
+    c = _rint(q) + z  # |q| >= 2**22 rounds inexactly, but lands beyond [0, L] all the same
+    c = tl.where(c < 0.0, 0.0, tl.where(c > levels, levels, c))
+    tl.store(out_ptr + offs, (c - z) * s, mask=mask)
+    tl.store(q_ptr + offs, q, mask=mask)
+
+
+@triton.jit
+def _lsq_plus_backward_kernel(
+    g_ptr, q_ptr, step_ptr, offset_ptr, gx_ptr, partial_ptr, min_step, levels, n, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    q = tl.load(q_ptr + offs, mask=mask, other=float("nan"))  # NaN: in no region, no gradient
+    s, u, ru, z = _lsq_plus_scalars(step_ptr, offset_ptr, min_step, levels)
+    v = q + z
+    inside = (v > 0.0) & (v < levels)
+    low = v <= 0.0
+    high = v >= levels
+    ru = tl.zeros_like(v) + ru  # a block, to combine with the per-element masks
+    pulled = (low | high) & (ru >= 0.0) & (ru <= levels)  # z moves: not held by its clamp
+    tl.store(gx_ptr + offs, g * tl.where(inside, 1.0, 0.0), mask=mask)
+    ds = tl.where(inside, _rint(q) - q, 0.0)
+    ds = ds + tl.where(low, -z, 0.0)
+    ds = ds + tl.where(high, levels - z, 0.0)
+    ds = ds + tl.where(pulled, u, 0.0)
+    g64 = g.to(tl.float64)
+    pid = tl.program_id(0)
+    tl.store(partial_ptr + 2 * pid, tl.sum(g64 * ds.to(tl.float64), axis=0))
+    tl.store(partial_ptr + 2 * pid + 1, tl.sum(tl.where(pulled, g64, 0.0), axis=0))
+
+
+@triton_op("lightning_quant::lsq_plus_forward_triton", mutates_args={})
+def lsq_plus_forward(
+    x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor]:
+    from lightning_quant.functional.lsq import lsq_plus_forward_reference
+
+    if not _fits(x, step, offset) or step.numel() != 1 or offset.numel() != 1:
+        return lsq_plus_forward_reference(x, step, offset, levels, grad_scale, min_step)
+    out, q = torch.empty_like(x), torch.empty_like(x)
+    launch = wrap_triton(_lsq_plus_forward_kernel)[_grid(x.numel())]
+    launch(x, step, offset, out, q, min_step, float(levels), x.numel(), **_LAUNCH)
+    return out, q
+
+
+@triton_op("lightning_quant::lsq_plus_backward_triton", mutates_args={})
+def lsq_plus_backward(
+    grad: Tensor, q: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    from lightning_quant.functional.lsq import lsq_plus_backward_reference
+
+    grad = grad.contiguous()
+    if not _fits(grad, q, step, offset) or step.numel() != 1 or offset.numel() != 1:
+        return lsq_plus_backward_reference(grad, q, step, offset, levels, grad_scale, min_step)
+    grad_x = torch.empty_like(grad)
+    blocks = _grid(q.numel())
+    partial = q.new_empty((blocks[0], 2), dtype=torch.float64)
+    launch = wrap_triton(_lsq_plus_backward_kernel)[blocks]
+    launch(grad, q, step, offset, grad_x, partial, min_step, float(levels), q.numel(), **_LAUNCH)
+    sum_s, sum_o = partial.sum(dim=0).unbind()
+    grad_step = (sum_s * grad_scale).reshape(step.shape).to(step.dtype)
+    return grad_x, grad_step, sum_o.reshape(offset.shape).to(offset.dtype)
