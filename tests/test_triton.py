@@ -39,7 +39,8 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INT
 @pytest.mark.skipif(INTERPRETED, reason="this is that process")
 def test_interpreter_cases_pass_in_a_fresh_process() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-W", "ignore::RuntimeWarning", __file__]
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-q", __file__]
+    command += ["-W", "ignore::RuntimeWarning"]  # numpy's NaN warnings from the interpreter
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]

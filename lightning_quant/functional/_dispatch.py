@@ -14,8 +14,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-import torch
-
 
 @functools.cache
 def triton_kernels() -> ModuleType | None:
@@ -33,16 +31,13 @@ def triton_kernels() -> ModuleType | None:
     return module
 
 
-def register_cuda(op: Any, name: str, reference: Callable[..., Any]) -> None:
-    """Make the Triton launcher ``triton_kernels.<name>`` ``op``'s CUDA kernel (the reference without triton)."""
+def register_kernels(op: Any, name: str, reference: Callable[..., Any]) -> None:
+    """Register ``op``'s fake implementation, its reference itself (plain torch ops run on fake tensors as well), and
+    its CUDA kernel, the Triton launcher ``triton_kernels.<name>`` (the reference where triton is missing)."""
+    op.register_fake(reference)
 
     def kernel(*args: Any) -> Any:
         module = triton_kernels()
         return reference(*args) if module is None else getattr(module, name)(*args)
 
     op.register_kernel("cuda")(kernel)
-
-
-def accumulator(dtype: torch.dtype) -> torch.dtype:
-    """The dtype per-element gradient terms are summed in before rounding: at least float32."""
-    return torch.promote_types(dtype, torch.float32)

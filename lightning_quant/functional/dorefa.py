@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_quant.functional import native
-from lightning_quant.functional._dispatch import register_cuda
+from lightning_quant.functional._dispatch import register_kernels
 
 
 def dorefa_forward_reference(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,16 +69,6 @@ def dorefa_backward(grad: Tensor, t: Tensor, m: Tensor, d: Tensor, levels: int) 
     return g_t
 
 
-@dorefa_forward.register_fake
-def _(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(t), t.new_empty(()), t.new_empty(())
-
-
-@dorefa_backward.register_fake
-def _(grad: Tensor, t: Tensor, m: Tensor, d: Tensor, levels: int) -> Tensor:
-    return torch.empty_like(t)
-
-
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     t, levels = inputs
     _, m, d = output
@@ -96,8 +86,8 @@ def _backward(ctx, grad: Tensor, _grad_m: Tensor | None, _grad_d: Tensor | None)
 
 
 dorefa_forward.register_autograd(_backward, setup_context=_setup_context)
-register_cuda(dorefa_forward, "dorefa_forward", dorefa_forward_reference)
-register_cuda(dorefa_backward, "dorefa_backward", dorefa_backward_reference)
+register_kernels(dorefa_forward, "dorefa_forward", dorefa_forward_reference)
+register_kernels(dorefa_backward, "dorefa_backward", dorefa_backward_reference)
 
 
 def dorefa_quantize_weight(w: Tensor, bits: int) -> Tensor:

@@ -76,7 +76,7 @@ import torch
 from torch import Tensor
 
 from lightning_quant.functional import native
-from lightning_quant.functional._dispatch import register_cuda
+from lightning_quant.functional._dispatch import register_kernels
 from lightning_quant.functional.checks import check_bits
 
 __all__ = [
@@ -221,11 +221,8 @@ def dsq_backward_reference(
     return grad_x, grad_l, grad_u, grad_a
 
 
-# ------------------------------------------------------------------------------------------------ native path
-# On CPU float32 with one finite range (0-d or one-element bounds and alpha: both DSQ modules), the forward and the
-# backward each run in one pass of the C kernels (csrc/quant_kernels.c), with the activation folded in. The forward
-# is bit-identical to the reference; the backward evaluates tanh with its own vectorized polynomial (and, for a
-# learned alpha, z / sinh(z) from that tanh), so the gradients agree with the reference to float32 rounding.
+# ------------------------------------------------------------------------------------------------ C kernels
+# On CPU float32 with one finite range per tensor (both DSQ modules): the activation folded in, one pass each way.
 
 
 class _NativeScalars(NamedTuple):
@@ -330,17 +327,6 @@ def dsq_backward(
     return grad_x, grad_l, grad_u, grad_a
 
 
-@dsq_forward.register_fake
-def _(x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float, activation: int):
-    shape = torch.broadcast_shapes(x.shape, lower.shape, upper.shape, alpha.shape)
-    return x.new_empty(shape)
-
-
-@dsq_backward.register_fake
-def _(grad, x, lower, upper, alpha, bits, min_width, activation, need_lower, need_alpha):
-    return torch.empty_like(x), torch.empty_like(lower), torch.empty_like(upper), torch.empty_like(alpha)
-
-
 def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
     # Only the inputs are saved; the backward recomputes the bin, which is cheaper than storing it.
     ctx.save_for_backward(*inputs[:4])
@@ -355,8 +341,8 @@ def _backward(ctx, grad: Tensor) -> tuple:
 
 
 dsq_forward.register_autograd(_backward, setup_context=_setup_context)
-register_cuda(dsq_forward, "dsq_forward", dsq_forward_reference)
-register_cuda(dsq_backward, "dsq_backward", dsq_backward_reference)
+register_kernels(dsq_forward, "dsq_forward", dsq_forward_reference)
+register_kernels(dsq_backward, "dsq_backward", dsq_backward_reference)
 
 
 def _dg_dc(g: Tensor, y: Tensor, c: Tensor) -> Tensor:

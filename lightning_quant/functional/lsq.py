@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_quant.functional._dispatch import register_cuda
+from lightning_quant.functional._dispatch import register_kernels
 
 
 def lsq_range(bits: int, narrow: bool = False) -> tuple[int, int]:
@@ -123,17 +123,6 @@ def lsq_backward(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_s
     return lsq_backward_reference(grad, v, step, qn, qp, grad_scale)
 
 
-@lsq_forward.register_fake
-def _(w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> tuple[Tensor, Tensor]:
-    ct = torch.promote_types(torch.promote_types(w.dtype, step.dtype), torch.float32)
-    return torch.empty_like(w), torch.empty_like(w, dtype=ct)
-
-
-@lsq_backward.register_fake
-def _(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(grad), torch.empty_like(step)
-
-
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     _, step, qn, qp, grad_scale, _ = inputs
     ctx.save_for_backward(output[1], step)
@@ -147,19 +136,13 @@ def _backward(ctx, grad: Tensor, _grad_v: Tensor | None) -> tuple:
         return None, None, None, None, None, None
     v, step = ctx.saved_tensors
     grad_w, grad_step = lsq_backward(grad, v, step, ctx.qn, ctx.qp, ctx.grad_scale)
-    return (
-        (grad_w if ctx.needs_input_grad[0] else None),
-        (grad_step if ctx.needs_input_grad[1] else None),
-        None,
-        None,
-        None,
-        None,
-    )
+    need_w, need_step = ctx.needs_input_grad[:2]
+    return (grad_w if need_w else None), (grad_step if need_step else None), None, None, None, None
 
 
 lsq_forward.register_autograd(_backward, setup_context=_setup_context)
-register_cuda(lsq_forward, "lsq_forward", lsq_forward_reference)
-register_cuda(lsq_backward, "lsq_backward", lsq_backward_reference)
+register_kernels(lsq_forward, "lsq_forward", lsq_forward_reference)
+register_kernels(lsq_backward, "lsq_backward", lsq_backward_reference)
 
 
 def lsq_quantize(
@@ -253,17 +236,6 @@ def lsq_plus_backward(
     return lsq_plus_backward_reference(grad, q, step, offset, levels, grad_scale, min_step)
 
 
-@lsq_plus_forward.register_fake
-def _(x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float):
-    ct = torch.promote_types(torch.promote_types(x.dtype, step.dtype), torch.float32)
-    return torch.empty_like(x), torch.empty_like(x, dtype=ct)
-
-
-@lsq_plus_backward.register_fake
-def _(grad, q, step, offset, levels, grad_scale, min_step):
-    return torch.empty_like(grad), torch.empty_like(step), torch.empty_like(offset)
-
-
 def _plus_setup_context(ctx, inputs: tuple, output: tuple) -> None:
     _, step, offset, *ctx.args = inputs
     ctx.save_for_backward(output[1], step, offset)
@@ -280,8 +252,8 @@ def _plus_backward(ctx, grad: Tensor, _grad_q: Tensor | None) -> tuple:
 
 
 lsq_plus_forward.register_autograd(_plus_backward, setup_context=_plus_setup_context)
-register_cuda(lsq_plus_forward, "lsq_plus_forward", lsq_plus_forward_reference)
-register_cuda(lsq_plus_backward, "lsq_plus_backward", lsq_plus_backward_reference)
+register_kernels(lsq_plus_forward, "lsq_plus_forward", lsq_plus_forward_reference)
+register_kernels(lsq_plus_backward, "lsq_plus_backward", lsq_plus_backward_reference)
 
 
 def lsq_plus_quantize(

@@ -1,24 +1,14 @@
 """Native CPU kernels (``lightning_quant/csrc/quant_kernels.c``), built on first use and called through ``ctypes``.
 
-The PACT activation, the DoReFa weight quantizer and DSQ (the activation it replaces folded in) run, on CPU float32
-tensors, through a small C file with OpenMP: one pass over memory each way, no temporaries, no per-op dispatch. The
-C source includes no torch headers, so the system C compiler builds it in about a second; the shared library is
-cached under ``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and
-this CPU's flags (it is built with ``-march=native``), so later processes load it at once.
-
-PACT and DoReFa values are the torch reference's, bit for bit (``tests/test_kernels.py``): the C code does the same
-float32 operations in the same order, built without fused multiply-add or fast-math. Reductions accumulate in
-float64 in both (another summation order changes a float64 sum in its last bits, which almost never reach the float32
-result). DSQ's forward is exact too; its backward evaluates tanh with its own vectorized formula, so its gradients
-agree with the reference to float32 rounding.
-
-The library links the OpenMP runtime by its soname, ``libgomp.so.1``, the one torch has already loaded: one thread
-pool, sized per call by ``torch.get_num_threads()``.
-
-They run inside the quantizers' custom ops (:mod:`lightning_quant.functional`), which tracers see as one op each
-with a fake implementation: ``torch.compile``, ``torch.export`` and the ONNX exporter never see the ctypes calls. If
-no C compiler is found or the build fails, :func:`library` warns once and returns None, and the ops use their torch
-reference (same values).
+On CPU float32 the PACT activation, the DoReFa weight quantizer and DSQ (the activation it replaces folded in) run a
+small C file with OpenMP: one pass over memory each way, no temporaries, no per-op dispatch. It includes no torch
+headers, so the system C compiler builds it in about a second; the library is cached under
+``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and this CPU's
+flags (``-march=native``). It links ``libgomp.so.1``, the OpenMP runtime torch has loaded, sized per call by
+``torch.get_num_threads()``. The values are the torch reference's float32 operations in its order (no fused
+multiply-add, no fast-math; sums in float64), bit for bit, except DSQ's backward (its own vectorized tanh: float32
+rounding). The kernels run inside the custom ops, so tracers never see the ctypes calls. Without a C compiler
+:func:`library` warns once and returns None, and the ops run their torch reference.
 """
 
 from __future__ import annotations

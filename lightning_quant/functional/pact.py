@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_quant.functional import native
-from lightning_quant.functional._dispatch import accumulator, register_cuda
+from lightning_quant.functional._dispatch import register_kernels
 
 
 def clip_and_scales(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -51,7 +51,7 @@ def pact_forward_reference(x: Tensor, alpha: Tensor, levels: int, min_alpha: flo
 
 def pact_backward_reference(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
     """``grad_x = grad * (code == 1)`` and the alpha gradient ``sum(grad * (code == 2))`` (0-d, at least float32)."""
-    acc = accumulator(grad.dtype)
+    acc = torch.promote_types(grad.dtype, torch.float32)  # the terms in float32 at least (bf16 sums lose bits)
     terms = grad.to(acc) * (code == 2).to(acc)
     return grad * (code == 1).to(grad.dtype), terms.sum(dtype=torch.float64).to(acc)
 
@@ -84,16 +84,6 @@ def pact_backward(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
     return grad_x, torch.tensor(native.to_float32(total))
 
 
-@pact_forward.register_fake
-def _(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.int8)
-
-
-@pact_backward.register_fake
-def _(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(grad), grad.new_empty((), dtype=accumulator(grad.dtype))
-
-
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     _, alpha, _, _ = inputs
     ctx.save_for_backward(output[1])
@@ -112,8 +102,8 @@ def _backward(ctx, grad: Tensor, _grad_code: Tensor | None) -> tuple[Tensor | No
 
 
 pact_forward.register_autograd(_backward, setup_context=_setup_context)
-register_cuda(pact_forward, "pact_forward", pact_forward_reference)
-register_cuda(pact_backward, "pact_backward", pact_backward_reference)
+register_kernels(pact_forward, "pact_forward", pact_forward_reference)
+register_kernels(pact_backward, "pact_backward", pact_backward_reference)
 
 
 def pact_quantize(x: Tensor, alpha: Tensor, bits: int, min_alpha: float = 0.0) -> Tensor:

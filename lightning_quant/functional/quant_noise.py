@@ -81,46 +81,26 @@ def _affine_fake_quantize_values(w: Tensor, bits: int) -> Tensor:
     return torch.where(degenerate, w, (q - zero_point) * scale)
 
 
-class _FakeQuantizeAffineSTE(torch.autograd.Function):
-    """Returns the fake-quantized tensor itself (exact levels) with an identity backward."""
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``values`` (computed from ``w`` without autograd) as they are, with the identity gradient to ``w``."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, bits: int) -> Tensor:
-        return _affine_fake_quantize_values(w, bits)
+    def forward(ctx: Any, w: Tensor, values: Tensor) -> Tensor:
+        return values
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
-class _ScalarNoiseSTE(torch.autograd.Function):
-    """``where(uniform < p, fake_quantize(w), w)`` with an identity backward; nothing is saved for backward."""
-
-    @staticmethod
-    def forward(ctx: Any, w: Tensor, uniform: Tensor, p: Tensor, bits: int) -> Tensor:
-        return torch.where(uniform < p, _affine_fake_quantize_values(w, bits), w)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        return grad, None, None, None
-
-
-class _BlockNoiseSTE(torch.autograd.Function):
-    """``w`` with dropped entries zeroed and kept entries divided by ``1 - p``, with an identity backward."""
-
-    @staticmethod
-    def forward(ctx: Any, w: Tensor, dropped: Tensor, p: Tensor) -> Tensor:
-        # `dropped` has the block shape (out, blocks) of `block_shape`; each block is a run of consecutive entries,
-        # so the weight is viewed as (out, blocks, entries per block) for every layer type.
-        blocks = w.reshape(dropped.shape[0], dropped.shape[1], -1)
-        # p == 1 drops every block; dividing by 1 instead of 0 keeps the result the zero tensor rather than 0/0 = NaN.
-        keep = 1.0 - p
-        keep = torch.where(keep > 0, keep, torch.ones_like(keep))
-        return (blocks.masked_fill(dropped.unsqueeze(-1), 0.0) / keep).view(w.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
+def _block_noise_values(w: Tensor, dropped: Tensor, p: Tensor) -> Tensor:
+    # `dropped` has the block shape (out, blocks) of `block_shape`; each block is a run of consecutive entries, so
+    # the weight is viewed as (out, blocks, entries per block) for every layer type.
+    blocks = w.reshape(dropped.shape[0], dropped.shape[1], -1)
+    # p == 1 drops every block; dividing by 1 instead of 0 keeps the result the zero tensor rather than 0/0 = NaN.
+    keep = 1.0 - p
+    keep = torch.where(keep > 0, keep, torch.ones_like(keep))
+    return (blocks.masked_fill(dropped.unsqueeze(-1), 0.0) / keep).view(w.shape)
 
 
 def fake_quantize_affine(w: Tensor, bits: int) -> Tensor:
@@ -154,7 +134,9 @@ def fake_quantize_affine(w: Tensor, bits: int) -> Tensor:
     check_bits(bits, "bits")
     if w.numel() == 0:
         return w.clone()
-    return _FakeQuantizeAffineSTE.apply(w, bits)
+    with torch.no_grad():
+        values = _affine_fake_quantize_values(w, bits)
+    return _StraightThrough.apply(w, values)
 
 
 def scalar_noise(w: Tensor, p: float | Tensor, bits: int, generator: torch.Generator | None = None) -> Tensor:
@@ -186,7 +168,9 @@ def scalar_noise(w: Tensor, p: float | Tensor, bits: int, generator: torch.Gener
     uniform = torch.rand(w.shape, generator=generator, device=w.device)
     # A number is compared in the draws' dtype, as `uniform < p` does; as a tensor it never recompiles a kernel.
     rate = p if isinstance(p, Tensor) else torch.tensor(p, dtype=uniform.dtype)
-    return _ScalarNoiseSTE.apply(w, uniform, rate, bits)
+    with torch.no_grad():
+        values = torch.where(uniform < rate, _affine_fake_quantize_values(w, bits), w)
+    return _StraightThrough.apply(w, values)
 
 
 def block_shape(shape: torch.Size | tuple[int, ...], block_size: int, name: str | None = None) -> tuple[int, ...]:
@@ -266,4 +250,6 @@ def block_noise(
         return w.clone()
     p_tensor = torch.as_tensor(p, dtype=w.dtype, device=w.device)
     dropped = torch.rand(mask_shape, generator=generator, device=w.device) < p_tensor
-    return _BlockNoiseSTE.apply(w, dropped, p_tensor)
+    with torch.no_grad():
+        values = _block_noise_values(w, dropped, p_tensor)
+    return _StraightThrough.apply(w, values)

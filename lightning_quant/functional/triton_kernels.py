@@ -1,22 +1,14 @@
-"""Triton kernels: the CUDA implementations of the quantizers' custom ops (one pass each way).
+"""Triton kernels: the CUDA kernels of the quantizers' custom ops, one pass each way.
 
-Each launcher below is a ``torch.library.triton_op`` (``lightning_quant::<op>_triton``) that launches its kernel
-through ``torch.library.wrap_triton``, as torchao registers its Triton kernels; the ops of :mod:`.pact`,
-:mod:`.dorefa`, :mod:`.dsq` and :mod:`.lsq` call them as their CUDA kernel (:mod:`._dispatch`). Imported on first
-use only, and only where triton is installed. They take contiguous float32 tensors; other dtypes and layouts (and a
-DSQ range that is not one value per tensor) go to the torch reference, which is what the kernels are tested against.
-
-Exactness: the forwards and PACT's and DoReFa's backwards are the reference's float32 operations in its order, so
-their values are bit-identical to it (``tests/test_triton.py``, on CPU tensors in Triton's interpreter,
-``TRITON_INTERPRET=1``). Divisions are ``div_rn`` (correctly rounded; a plain ``/`` is approximate on a GPU),
-rounding half to even is ``(v + 1.5 * 2**23) - 1.5 * 2**23`` (exact for ``|v| < 2**22``; every rounded value here
-is clamped to at most ``2**16``), and kernels are launched with ``enable_fp_fusion=False`` (no fused multiply-add,
-as the C kernels are built). DSQ's backward has the C kernels' tanh (a rational fit, within a few ulp), so its
-gradients agree with the reference to float32 rounding. Per-tensor gradients (PACT's alpha, DSQ's bounds and
-temperature, LSQ's step) are summed per block in the kernel and the block sums added by one small torch sum.
-
-Launch options only on the real kernel: none of this is traced by ``torch.compile`` or ``torch.export`` (the outer
-custom ops are opaque to them, with fake implementations).
+Each launcher is a ``torch.library.triton_op`` (``lightning_quant::<op>_triton``) launching its kernel through
+``torch.library.wrap_triton``, as torchao registers its kernels; the ops of the method modules call it on CUDA
+(:mod:`._dispatch`; imported on first use). Contiguous float32 only: other dtypes and layouts, and a DSQ range that
+is not one per tensor, run the torch reference. Values are the reference's float32 operations in its order, so
+forwards and input gradients are bit-identical to it (``tests/test_triton.py``, in the interpreter): divisions are
+``div_rn`` (a plain ``/`` is approximate on a GPU), half-to-even rounding is ``(v + 1.5 * 2**23) - 1.5 * 2**23``
+(exact for ``|v| < 2**22``), and no multiply-add is fused (``enable_fp_fusion=False``). DSQ's backward has the C
+kernels' tanh, so its gradients agree to float32 rounding. Per-tensor gradients are summed per block in float64 in
+the kernel, and the block sums by one small torch sum. Each kernel computes its 0-d scalars itself: no tiny launches.
 """
 
 from __future__ import annotations
@@ -41,6 +33,12 @@ def _fits(*tensors: Tensor) -> bool:
 
 
 @triton.jit
+def _block(n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
 def _rint(v):
     # Round half to even: adding 1.5 * 2**23 leaves no fraction bits, so the float adder rounds (|v| < 2**22).
     return (v + 12582912.0) - 12582912.0
@@ -51,8 +49,7 @@ def _rint(v):
 
 @triton.jit
 def _pact_forward_kernel(x_ptr, q_ptr, code_ptr, alpha_ptr, min_alpha, levels, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask)
     # pact.clip_and_scales in float32, without its 0-d torch ops (each a launch): torch computes `levels / a` as
     # `a.reciprocal() * levels`.
@@ -69,8 +66,7 @@ def _pact_forward_kernel(x_ptr, q_ptr, code_ptr, alpha_ptr, min_alpha, levels, n
 
 @triton.jit
 def _pact_backward_kernel(g_ptr, code_ptr, gx_ptr, partial_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     code = tl.load(code_ptr + offs, mask=mask, other=0)
     # Products, not selects: g * 0 is NaN for an infinite g, as in torch.
@@ -109,8 +105,7 @@ def pact_backward(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
 
 @triton.jit
 def _dorefa_forward_kernel(t_ptr, out_ptr, d_ptr, levels, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     t = tl.load(t_ptr + offs, mask=mask)
     d = tl.load(d_ptr)
     r = _rint((tl.math.div_rn(t, d) + 0.5) * levels)
@@ -119,8 +114,7 @@ def _dorefa_forward_kernel(t_ptr, out_ptr, d_ptr, levels, n, BLOCK: tl.constexpr
 
 @triton.jit
 def _dorefa_sums_kernel(g_ptr, t_ptr, params_ptr, partial_ptr, count_ptr, levels, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0)
     m = tl.load(params_ptr)
@@ -133,8 +127,7 @@ def _dorefa_sums_kernel(g_ptr, t_ptr, params_ptr, partial_ptr, count_ptr, levels
 
 @triton.jit
 def _dorefa_backward_kernel(g_ptr, t_ptr, params_ptr, gt_ptr, levels, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     g = tl.load(g_ptr + offs, mask=mask)
     t = tl.load(t_ptr + offs, mask=mask)
     m = tl.load(params_ptr)
@@ -195,8 +188,7 @@ def _dsq_activation(v, ACTIVATION: tl.constexpr):
 def _dsq_forward_kernel(
     x_ptr, q_ptr, lo_ptr, up_ptr, min_width, n, nlev, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     r = _dsq_activation(tl.load(x_ptr + offs, mask=mask), ACTIVATION)
     lo, up, delta = _dsq_range(lo_ptr, up_ptr, min_width, nlev)  # in the kernel: no 0-d torch launches before it
     m = tl.where(r < lo, lo, r)
@@ -247,8 +239,7 @@ def _dsq_backward_kernel(
     ACTIVATION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     v = tl.load(x_ptr + offs, mask=mask, other=float("nan"))  # NaN: outside the range, contributes nothing
     go = tl.load(g_ptr + offs, mask=mask, other=0.0)
     lo, up, delta = _dsq_range(lo_ptr, up_ptr, min_width, nlev)
@@ -436,8 +427,7 @@ def _lsq_plus_scalars(step_ptr, offset_ptr, min_step, levels):
 
 @triton.jit
 def _lsq_plus_forward_kernel(x_ptr, step_ptr, offset_ptr, out_ptr, q_ptr, min_step, levels, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     s, u, ru, z = _lsq_plus_scalars(step_ptr, offset_ptr, min_step, levels)
     q = tl.math.div_rn(tl.load(x_ptr + offs, mask=mask), s)
     c = _rint(q) + z  # |q| >= 2**22 rounds inexactly, but lands beyond [0, L] all the same
@@ -450,8 +440,7 @@ def _lsq_plus_forward_kernel(x_ptr, step_ptr, offset_ptr, out_ptr, q_ptr, min_st
 def _lsq_plus_backward_kernel(
     g_ptr, q_ptr, step_ptr, offset_ptr, gx_ptr, partial_ptr, min_step, levels, n, BLOCK: tl.constexpr
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = _block(n, BLOCK)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     q = tl.load(q_ptr + offs, mask=mask, other=float("nan"))  # NaN: in no region, no gradient
     s, u, ru, z = _lsq_plus_scalars(step_ptr, offset_ptr, min_step, levels)
