@@ -11,7 +11,9 @@ they were) in three steps:
 2. **Trace.** Each quantizer in the copy is swapped for an export module whose forward is one marker op
    (``lightning_quant::QDQ``, an autograd Function with an ONNX ``symbolic``), and the copy is traced by torch's
    TorchScript exporter at opset 20. The markers keep the exporter from folding BatchNorm into quantized weights and
-   from running the native C kernels (whose ctypes writes the tracer can not see).
+   from running the native C kernels (whose ctypes writes the tracer can not see). For that export only, the
+   exporter gets rules for ``aten::diff`` and for ``cumsum`` of a bool (transformers' mask code), and the copy's
+   forward takes the given inputs only (the exporter would make graph inputs of the other parameters' defaults).
 3. **Rewrite.** With the ``onnx`` package every marker becomes ``[Clip] [Sub] QuantizeLinear DequantizeLinear [Add]``
    (activations) or an integer initializer with ``DequantizeLinear [Add]`` (weights); the opset is raised to 21
    (INT4/UINT4 and 16-bit QuantizeLinear/DequantizeLinear; the other ops used do not change between 20 and 21).
@@ -48,12 +50,13 @@ the integer kernels round the bias and requantize with a fixed-point multiplier.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -460,8 +463,71 @@ def _names(prefix: str, count: int) -> list[str]:
     return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
 
 
+def _diff_symbolic(g: Any, x: Any, n: Any, dim: Any, prepend: Any, append: Any) -> Any:
+    """``torch.diff`` (n = 1) as ONNX ``Concat`` + two ``Slice`` + ``Sub``: transformers' mask code calls it on the
+    position ids (packed-sequence detection), and the TorchScript exporter has no rule for it."""
+    from torch.onnx import symbolic_helper as sh
+
+    order, axis = sh._get_const(n, "i", "n"), sh._get_const(dim, "i", "dim")
+    if order != 1:
+        return sh._unimplemented("diff", f"n={order} (only n=1)", x)
+    parts = [v for v in (prepend, x, append) if not sh._is_none(v)]
+    x = g.op("Concat", *parts, axis_i=axis) if len(parts) > 1 else x
+
+    def const(values: list[int]) -> Any:
+        return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
+
+    later = g.op("Slice", x, const([1]), const([2**63 - 1]), const([axis]))
+    earlier = g.op("Slice", x, const([0]), const([-1]), const([axis]))
+    return g.op("Sub", later, earlier)
+
+
+def _cumsum_symbolic(g: Any, x: Any, dim: Any, dtype: Any) -> Any:
+    """``torch.cumsum`` with torch's promotion: a bool or integer input sums in int64 (the exporter's own rule emits
+    ``CumSum`` on the input's type, which ONNX does not allow for bool: transformers' mask code sums a bool mask)."""
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_opset11
+
+    if sh._is_none(dtype) and x.type().scalarType() in ("Bool", "Byte", "Char", "Short", "Int"):
+        x = g.op("Cast", x, to_i=7)  # TensorProto.INT64
+    return symbolic_opset11.cumsum(g, x, dim, dtype)
+
+
+#: ``aten`` ops the TorchScript exporter lacks or gets wrong, registered for the duration of one export only.
+_EXTRA_SYMBOLICS = {"aten::diff": _diff_symbolic, "aten::cumsum": _cumsum_symbolic}
+
+
+@contextlib.contextmanager
+def _extra_symbolics() -> Iterator[None]:
+    for name, symbolic in _EXTRA_SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, symbolic, TRACE_OPSET)
+    try:
+        yield
+    finally:
+        for name in _EXTRA_SYMBOLICS:
+            torch.onnx.unregister_custom_op_symbolic(name, TRACE_OPSET)
+        _drop_empty_symbolic_groups(list(_EXTRA_SYMBOLICS))
+
+
+def _drop_empty_symbolic_groups(names: list[str]) -> None:
+    """Forget the ops whose only rule was ours: torch's ``unregister_custom_op_symbolic`` leaves an empty group that
+    later exports of the op then fail on with ``min() arg is an empty sequence`` instead of "not supported"."""
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+    except ImportError:  # pragma: no cover - another torch layout: nothing to clean
+        return
+    for name in names:
+        group = registry.get_function_group(name)
+        if group is not None and not list(getattr(group, "_functions", [None])):
+            registry._registry.pop(name, None)
+
+
 def _trace(model: nn.Module, args: tuple[Tensor, ...], calls: list[_Point]) -> tuple[bytes, list[str]]:
-    """TorchScript-export ``model`` with its markers; returns the bytes and the input names."""
+    """TorchScript-export ``model`` (the copy) with its markers; returns the bytes and the input names."""
+    # The exporter appends the defaults of the forward's other parameters to the inputs and turns the non-None ones
+    # into graph inputs (transformers' ``logits_to_keep=0``): the copy's forward takes the given inputs only.
+    forward = type(model).forward
+    model.forward = lambda *inputs: forward(model, *inputs)
     with torch.no_grad():
         out = model(*args)
         calls.clear()  # the keys of the traced run are the ones that count
@@ -473,18 +539,19 @@ def _trace(model: nn.Module, args: tuple[Tensor, ...], calls: list[_Point]) -> t
         # The TorchScript exporter is deprecated in favour of dynamo=True, which traces the quantizers into plain
         # float ops without any Q/DQ; it warns about the custom domain's shape inference too. Both are expected.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            args,
-            buffer,
-            dynamo=False,
-            opset_version=TRACE_OPSET,
-            input_names=inputs,
-            output_names=output_names,
-            dynamic_axes=dynamic,
-            custom_opsets={DOMAIN: 1},
-            do_constant_folding=True,
-        )
+        with _extra_symbolics():
+            torch.onnx.export(
+                model,
+                args,
+                buffer,
+                dynamo=False,
+                opset_version=TRACE_OPSET,
+                input_names=inputs,
+                output_names=output_names,
+                dynamic_axes=dynamic,
+                custom_opsets={DOMAIN: 1},
+                do_constant_folding=True,
+            )
     return buffer.getvalue(), inputs
 
 

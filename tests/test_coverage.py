@@ -1,16 +1,16 @@
 """Any architecture: every quantized weight layer reads a k-bit input and a k-bit weight, whatever produced the input.
 
 Measured as a user would: eval-mode hooks count the distinct values that reach each weight layer (its input, and the
-weight its forward uses) on a batch of random inputs, after the ranges were calibrated on another batch. Models of the
-families the issue names, written here (torchvision and timm do not run on this machine): ResNet (ReLU, residual
-add), MobileNetV2 (ReLU6, linear bottleneck, residual), MobileNetV3 (Hardswish, squeeze-excite with Hardsigmoid),
-EfficientNet (SiLU), a BERT-like encoder (embeddings, LayerNorm, GELU) and transformers' GPT-2 (``Conv1D``).
+weight its forward uses) on a batch of random inputs, after the ranges were calibrated on another batch. The models
+(tests/architectures.py) are of the families the issue names: ResNet, MobileNetV2, MobileNetV3, EfficientNet, a
+BERT-like encoder and transformers' GPT-2 (``Conv1D``); benchmarks/coverage.py prints the same measure as a table.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from architectures import MODELS, distinct_values_per_layer, gpt2, image, quantized
 from torch import nn
 
 from lightning_quant import DSQConfig, PACTConfig, inject_quantizers
@@ -18,138 +18,16 @@ from lightning_quant.calibrator import ActivationCalibrator
 from lightning_quant.layers import QUANTIZED_LAYERS
 
 
-class ResBlock(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
-
-
-class ResNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
-        self.blocks = nn.Sequential(ResBlock(8), ResBlock(8))
-        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.blocks(self.relu(self.stem(x)))).flatten(1))
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2/V3 block: expand (1x1), depthwise (3x3), project (1x1, linear bottleneck), residual add."""
-
-    def __init__(self, c: int, act: type[nn.Module], squeeze: bool = False) -> None:
-        super().__init__()
-        self.expand, self.act1 = nn.Conv2d(c, 2 * c, 1), act()
-        self.depthwise, self.act2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c), act()
-        self.squeeze = squeeze
-        if squeeze:  # squeeze-excite: pool, 1x1, ReLU, 1x1, Hardsigmoid gate
-            self.se_reduce, self.se_relu = nn.Conv2d(2 * c, c, 1), nn.ReLU()
-            self.se_expand, self.se_gate = nn.Conv2d(c, 2 * c, 1), nn.Hardsigmoid()
-        self.project = nn.Conv2d(2 * c, c, 1)
-
-    def forward(self, x):
-        y = self.act2(self.depthwise(self.act1(self.expand(x))))
-        if self.squeeze:
-            s = self.se_gate(self.se_expand(self.se_relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
-            y = y * s
-        return x + self.project(y)
-
-
-class MobileNet(nn.Module):
-    def __init__(self, act: type[nn.Module] = nn.ReLU6, squeeze: bool = False) -> None:
-        super().__init__()
-        self.stem, self.act = nn.Conv2d(3, 8, 3, padding=1), act()
-        self.blocks = nn.Sequential(InvertedResidual(8, act, squeeze), InvertedResidual(8, act, squeeze))
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc(self.blocks(self.act(self.stem(x))).mean((2, 3)))
-
-
-class Encoder(nn.Module):
-    """BERT-like: embeddings + LayerNorm, self-attention from Linear layers, GELU MLP, a classifier."""
-
-    def __init__(self, vocab: int = 20, d: int = 16) -> None:
-        super().__init__()
-        self.embed, self.norm0 = nn.Embedding(vocab, d), nn.LayerNorm(d)
-        self.qkv, self.proj, self.norm1 = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.LayerNorm(d)
-        self.fc1, self.gelu, self.fc2, self.norm2 = nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.LayerNorm(d)
-        self.head = nn.Linear(d, 3)
-
-    def forward(self, ids):
-        x = self.norm0(self.embed(ids))
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        attn = torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1)
-        x = self.norm1(x + self.proj(attn @ v))
-        x = self.norm2(x + self.fc2(self.gelu(self.fc1(x))))
-        return self.head(x[:, 0])
-
-
-def _image(n: int = 4) -> torch.Tensor:
-    return torch.randn(n, 3, 8, 8)
-
-
-def _ids(n: int = 4) -> torch.Tensor:
-    return torch.randint(0, 20, (n, 6))
-
-
-MODELS = {
-    "resnet": (ResNet, _image),
-    "mobilenet_v2": (MobileNet, _image),
-    "mobilenet_v3": (lambda: MobileNet(nn.Hardswish, squeeze=True), _image),
-    "efficientnet": (lambda: MobileNet(nn.SiLU, squeeze=True), _image),
-    "bert": (Encoder, _ids),
-}
-
-
-def _distinct_values_per_layer(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """(distinct input values, distinct weight values) reaching each quantized layer in one eval forward."""
-    seen: dict[str, tuple[int, int]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, QUANTIZED_LAYERS):
-
-            def hook(mod, args, name=name):
-                x = args[0]
-                if "input_quantizer" in mod._modules:
-                    x = mod.input_quantizer(x)
-                inputs = x.unique().numel() if x.is_floating_point() else 0
-                seen[name] = (inputs, mod.weight_quantizer(mod.weight).unique().numel())
-
-            handles.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
-    return seen
-
-
-def _quantized(name: str, config, example: torch.Tensor) -> nn.Module:
-    torch.manual_seed(0)
-    make, data = MODELS[name]
-    model = make()
-    inject_quantizers(model, config, warn=False, example_input=example)
-    ActivationCalibrator(model, training_only=False)
-    model.eval()
-    with torch.no_grad():
-        model(data(16))  # calibrate every range on one batch
-    return model
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"torch_encoder"}))  # its own test below
 @pytest.mark.parametrize("method", ["pact", "dsq"])
 def test_every_middle_weight_layer_reads_k_bit_inputs_and_weights(name, method):
+    if name == "gpt2":
+        pytest.importorskip("transformers")
     bits = 3
     config_cls = PACTConfig if method == "pact" else DSQConfig
     make, data = MODELS[name]
-    model = _quantized(name, config_cls(act_bits=bits, weight_bits=bits), data(2))
-    seen = _distinct_values_per_layer(model, data(8))
+    model, _ = quantized(name, config_cls(act_bits=bits, weight_bits=bits))
+    seen = distinct_values_per_layer(model, data(8))
     middle = {n: v for n, v in seen.items() if n not in (_first(model), _last(model))}
     assert middle, "no middle layer was called"
     for layer, (inputs, weights) in middle.items():
@@ -168,8 +46,8 @@ def _last(model: nn.Module) -> str:
 @pytest.mark.parametrize("policy", ["float", "8bit", "quantize"])
 def test_first_last_policy_on_the_inputs(policy):
     bits = 3
-    model = _quantized("efficientnet", PACTConfig(act_bits=bits, weight_bits=bits, first_last=policy), _image(2))
-    seen = _distinct_values_per_layer(model, _image(8))
+    model, _ = quantized("efficientnet", PACTConfig(act_bits=bits, weight_bits=bits, first_last=policy))
+    seen = distinct_values_per_layer(model, image(8))
     if policy == "float":  # the first and last layers stay float: not quantized at all, their inputs included
         assert "stem" not in seen and "fc" not in seen
         assert "input_quantizer" not in model.stem._modules and "input_quantizer" not in model.fc._modules
@@ -182,13 +60,13 @@ def test_first_last_policy_on_the_inputs(policy):
 
 
 def test_no_second_quantizer_where_a_quantized_activation_already_feeds_the_layer():
-    model = _quantized("resnet", PACTConfig(act_bits=4, weight_bits=4), _image(2))
+    model, _ = quantized("resnet", PACTConfig(act_bits=4, weight_bits=4))
     # conv1 of each block reads the ReLU output (quantized by PACT): no input quantizer; conv2 reads BN-ReLU too.
     assert "input_quantizer" not in model.blocks[0].conv1._modules
     assert "input_quantizer" not in model.blocks[1].conv2._modules
     # fc reads an average pool of ReLU outputs: not on a grid, but it is the last layer (float policy).
     assert "input_quantizer" not in model.fc._modules
-    model = _quantized("mobilenet_v2", PACTConfig(act_bits=4, weight_bits=4), _image(2))
+    model, _ = quantized("mobilenet_v2", PACTConfig(act_bits=4, weight_bits=4))
     # The second block's expand conv reads a residual sum: it gets one.
     assert "input_quantizer" in model.blocks[1].expand._modules
     assert "input_quantizer" not in model.blocks[1].project._modules  # ReLU6 output (PACT site) feeds it
@@ -206,7 +84,7 @@ def test_nothing_after_the_last_weight_layer_is_quantized():
             return self.relu3(self.conv3(self.relu2(self.conv2(self.relu1(self.conv1(x)))))).mean((2, 3))
 
     model = SqueezeTail()
-    plan = inject_quantizers(model, PACTConfig(first_last="quantize"), example_input=_image(2))
+    plan = inject_quantizers(model, PACTConfig(first_last="quantize"), example_input=image(2))
     reasons = {e.name: (e.bits, e.reason) for e in plan.entries}
     assert reasons["relu3"] == (None, "after the last layer")
     assert reasons["relu2"][0] == 4
@@ -229,10 +107,9 @@ def test_linear_subclasses_are_quantized_with_their_own_forward():
 
 
 def test_gpt2_conv1d_layers_read_k_bit_inputs_and_weights():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16)
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = gpt2().eval()
     ids = torch.randint(0, 50, (2, 8))
     config = PACTConfig(act_bits=4, weight_bits=4, first_last="quantize")
     plan = inject_quantizers(model, config, warn=False, example_input=ids)
@@ -241,10 +118,22 @@ def test_gpt2_conv1d_layers_read_k_bit_inputs_and_weights():
     ActivationCalibrator(model, training_only=False)
     with torch.no_grad():
         model(torch.randint(0, 50, (4, 8)))
-    seen = _distinct_values_per_layer(model, torch.randint(0, 50, (4, 8)))
+    seen = distinct_values_per_layer(model, torch.randint(0, 50, (4, 8)))
     for entry in conv1d:
         inputs, weights = seen[entry.name]
         assert inputs <= 16 and weights <= 16, (entry.name, inputs, weights)
     # The LSQ step of a Conv1D weight (stored transposed) is per tensor here; per channel it runs along axis 1.
     layer = model.transformer.h[0].mlp.c_fc
     assert layer.weight_quantizer.channel_axis == 1
+
+
+def test_multihead_attention_projections_stay_float_with_a_warning():
+    """nn.MultiheadAttention passes its raw weights to F.multi_head_attention_forward: its projections stay float,
+    the plan names it; the encoder layer's feed-forward (after a functional ReLU) is on the grid."""
+    model, plan = quantized("torch_encoder", PACTConfig(act_bits=3, weight_bits=3))
+    assert [w for w in plan.warnings if "encoder.layers.0.self_attn (nn.MultiheadAttention)" in w]
+    layer = model.encoder.layers[0]
+    assert not isinstance(layer.self_attn.out_proj, QUANTIZED_LAYERS)
+    seen = distinct_values_per_layer(model, MODELS["torch_encoder"][1](8))
+    inputs, weights = seen["encoder.layers.0.linear2"]
+    assert 0 < inputs <= 8 and weights <= 8

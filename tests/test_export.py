@@ -13,6 +13,8 @@ from torch.nn import functional as F
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from architectures import gpt2, gpt2_ids  # noqa: E402
+
 from lightning_quant import DSQConfig, PACTConfig, QuantNoiseConfig, export_onnx, inject_quantizers  # noqa: E402
 from lightning_quant.calibrator import ActivationCalibrator  # noqa: E402
 from lightning_quant.export import onnxruntime_session, quantized_tensors  # noqa: E402
@@ -168,6 +170,7 @@ def _torch_activations(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, d
     for _, module in activation_quantizers(model):
         for attr in ("_export_test_site", "_export_test_input"):
             module.__dict__.pop(attr, None)
+    out = out if isinstance(out, torch.Tensor) else out[0]  # a ModelOutput (transformers): its first tensor
     return out.numpy(), seen
 
 
@@ -386,7 +389,7 @@ def test_lsq_plus_inputs_have_an_integer_zero_point(tmp_path) -> None:
         "fc2.input_quantizer",
     }
     for r in records:
-        lower = float(model.get_submodule(r["name"]).lower)
+        lower = model.get_submodule(r["name"]).lower.item()
         assert r["offset"] is None and r["zero_point"] == round(-min(lower, 0.0) / r["scale"])
         assert r["clip"][0] == pytest.approx(-r["zero_point"] * r["scale"], rel=1e-6)
     assert any(0 < r["zero_point"] < 15 for r in records)  # signed inputs: a zero point inside the range
@@ -401,6 +404,83 @@ def test_lsq_plus_inputs_have_an_integer_zero_point(tmp_path) -> None:
     fraction = result["flips"] / result["total"]
     print(f"integer kernels, transformer pact 4: {result['flips']}/{result['total']} codes differ ({fraction:.2e})")
     assert fraction < 0.05 and result["step"] <= 2
+
+
+def _trained_gpt2(method: str, bits: int) -> nn.Module:
+    """transformers' GPT-2 from a config, injected, calibrated and trained a few language-model steps, in eval mode."""
+    torch.manual_seed(0)
+    model = gpt2()
+    inject_quantizers(model, CONFIGS[method](bits), warn=False, example_input=gpt2_ids(2))
+    ActivationCalibrator(model, training_only=False)
+    with torch.no_grad():
+        model(gpt2_ids(16))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(4):
+        ids = gpt2_ids(8)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(("method", "bits"), [("pact", 8), ("pact", 4), ("pact", 2), ("dsq", 4), ("quant_noise", 4)])
+def test_gpt2_from_config_round_trips(tmp_path, method: str, bits: int) -> None:
+    """GPT-2 (Conv1D layers, LSQ+/DSQ inputs on LayerNorm, GELU and attention outputs, transformers' mask code)."""
+    pytest.importorskip("transformers")
+    model = _trained_gpt2(method, bits)
+    path = export_onnx(model, gpt2_ids(2), tmp_path / "gpt2.onnx")
+    assert [i.name for i in onnx.load(path).graph.input] == ["input"]  # the ids only (no logits_to_keep)
+    result = _compare_codes(model, path, gpt2_ids(3))
+    fraction = result["flips"] / max(result["total"], 1)
+    FLIPS[f"gpt2/{method}/{bits}"] = fraction
+    print(f"gpt2 {method} {bits}: {result['flips']}/{result['total']} codes differ ({fraction:.2e})")
+    assert (result["total"] > 0) == (method != "quant_noise")  # QuantNoise quantizes weights only
+    assert fraction < 1e-3 and result["step"] <= 1 and result["ulps"] <= 64
+    scale = np.abs(result["ref"]).max()
+    if result["flips"] == 0:
+        np.testing.assert_allclose(result["out"], result["ref"], atol=1e-4 * scale)
+    # Every quantized Conv1D weight is an integer initializer holding the torch model's codes.
+    inits = _initializers(path)
+    weights = [r for r in quantized_tensors(path) if r["kind"] == "weight"]
+    assert {r["name"] for r in weights} == set(dict(weight_quantizers(model)))
+    for record in weights:
+        layer = model.get_submodule(record["name"])
+        with torch.no_grad():
+            expected = _torch_codes(record, layer.weight_quantizer(layer.weight))
+        codes = onnx.numpy_helper.to_array(inits[record["code"]]).astype(np.int64)
+        np.testing.assert_array_equal(codes if codes.shape == expected.shape else codes.T, expected)
+
+
+class DiffCumsum(nn.Module):
+    """What transformers' mask code does with the position ids: ``torch.diff`` with a prepend, ``cumsum`` of a bool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.relu = nn.ReLU()
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = torch.diff(x, prepend=x[:, :1] - 1, dim=-1)
+        runs = (steps > 0).cumsum(-1)
+        return self.out(self.relu(self.fc(x))) + runs[:, :3]
+
+
+def test_diff_and_bool_cumsum_export_only_inside_export_onnx(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = DiffCumsum()
+    config = PACTConfig(act_bits=4, weight_bits=4, first_last="quantize")
+    inject_quantizers(model, config, warn=False, example_input=torch.randn(2, 6))
+    model.eval()
+    path = export_onnx(model, torch.randn(2, 6), tmp_path / "m.onnx")
+    x = torch.randn(5, 6)
+    out = onnxruntime_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-5, atol=1e-5)
+    # The rules are registered for that export only: torch's own exporter still has none for aten::diff.
+    with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="aten::diff"):
+        torch.onnx.export(DiffCumsum(), (x,), str(tmp_path / "plain.onnx"), dynamo=False, opset_version=20)
 
 
 def _shape_of(model_name: str) -> tuple[int, ...]:
