@@ -70,7 +70,7 @@ LAYERS = {
     MIDDLE: "weights of conv2, conv3, fc1 and the outputs of relu1-3 (the inputs of conv2, conv3, fc1); conv1, fc2"
     " and relu4 (the input of fc2) float: PACT's and DSQ's default, and the places the torch.ao and Brevitas rows"
     " quantize.",
-    EVERY: "weights of conv1, conv2, conv3, fc1, fc2 and the outputs of relu1-4 (`first_last=\"quantize\"`).",
+    EVERY: 'weights of conv1, conv2, conv3, fc1, fc2 and the outputs of relu1-4 (`first_last="quantize"`).',
     WEIGHTS_ONLY: "weights of conv1, conv2, conv3, fc1, fc2; activations float (QuantNoise's default).",
 }
 
@@ -247,9 +247,7 @@ def run_seed(protocol: str, dataset: str, seed: int, rows: list[Row], args: argp
     epochs, lr, _ = PROTOCOLS[protocol]
     path = json_path(args.out, protocol, dataset, seed)
     record = json.loads(path.read_text()) if path.exists() else {}
-    record.update(
-        protocol=protocol, dataset=dataset, seed=seed, epochs=epochs, lr=lr, threads=torch.get_num_threads()
-    )
+    record.update(protocol=protocol, dataset=dataset, seed=seed, epochs=epochs, lr=lr, threads=torch.get_num_threads())
     record.setdefault("rows", {})
     init_state = None
     if protocol == "finetune":

@@ -4,7 +4,10 @@
 
 For each callback it trains the demo CNN on digits on the GPU in fp32 and bf16-mixed, checks every parameter stays
 on the GPU and finite, that the quantizer parameters moved, and that ``load_from_checkpoint`` gives the same eval
-outputs on the GPU; then it compares each quantizer's forward and backward on CUDA with the CPU result.
+outputs on the GPU; then it compares each quantizer's forward and backward on CUDA with the CPU result, and each
+custom op's Triton kernel on CUDA with the torch reference on the same CUDA tensors (the forwards and the input
+gradients must be bit-identical; DSQ's gradients agree to float32 rounding). benchmarks/gpu_check.sh runs it
+with the speed rows of the GPU targets.
 """
 
 from __future__ import annotations
@@ -87,8 +90,64 @@ def compare_devices() -> list[str]:
     return out
 
 
+def check_triton_kernels() -> list[str]:
+    """Each op on CUDA (its Triton kernel) against its torch reference on the same tensors."""
+    from lightning_quant.functional import _dispatch, dorefa, dsq, lsq, pact
+
+    assert _dispatch.triton_kernels() is not None, "triton is not importable: the CUDA ops run the torch reference"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1 << 20, device="cuda", generator=g) * 2
+    x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    grad = torch.randn(x.shape, device="cuda", generator=g)
+    alpha, lo, up, temp = (torch.tensor(v, device="cuda") for v in ([1.5], 0.0, 2.5, 0.3))
+    q, code = pact.pact_forward(x, alpha, 15, 0.0)
+    t = torch.tanh(x)
+    d_args = (4, 1e-8, 1)
+    pairs = {
+        "pact_forward": (pact.pact_forward(x, alpha, 15, 0.0), pact.pact_forward_reference(x, alpha, 15, 0.0)),
+        "pact_backward": (pact.pact_backward(grad, code), pact.pact_backward_reference(grad, code)),
+        "dorefa_forward": (dorefa.dorefa_forward(t, 15), dorefa.dorefa_forward_reference(t, 15)),
+        "dsq_forward": (
+            (dsq.dsq_forward(x, lo, up, temp, *d_args),),
+            (dsq.dsq_forward_reference(x, lo, up, temp, *d_args),),
+        ),
+    }
+    _, m, d = pairs["dorefa_forward"][1]
+    pairs["dorefa_backward"] = (
+        (dorefa.dorefa_backward(grad, t, m, d, 15),),
+        (dorefa.dorefa_backward_reference(grad, t, m, d, 15),),
+    )
+    w, step = x[: 64 * 4096].view(64, 4096) * 0.05, torch.rand(64, 1, device="cuda", generator=g) * 0.01 + 0.001
+    out_w, v = lsq.lsq_forward(w, step, 8, 7, 0.01, 1e-6)
+    pairs["lsq_forward"] = ((out_w, v), lsq.lsq_forward_reference(w, step, 8, 7, 0.01, 1e-6))
+    pairs["lsq_backward"] = (
+        lsq.lsq_backward(grad[: w.numel()].view(w.shape), v, step, 8, 7, 0.01)[:1],
+        lsq.lsq_backward_reference(grad[: w.numel()].view(w.shape), v, step, 8, 7, 0.01)[:1],
+    )
+    s, b = torch.tensor([0.05], device="cuda"), torch.tensor([-0.61], device="cuda")
+    out_p, q_p = lsq.lsq_plus_forward(x, s, b, 15, 0.01, 1e-3)
+    pairs["lsq_plus_forward"] = ((out_p, q_p), lsq.lsq_plus_forward_reference(x, s, b, 15, 0.01, 1e-3))
+    pairs["lsq_plus_backward"] = (
+        lsq.lsq_plus_backward(grad, q_p, s, b, 15, 0.01, 1e-3)[:1],
+        lsq.lsq_plus_backward_reference(grad, q_p, s, b, 15, 0.01, 1e-3)[:1],
+    )
+    out = []
+    for name, (got, want) in pairs.items():
+        same = all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(got, want))
+        out.append(f"{name:24s} bit-identical to the reference: {same}")
+        assert same, name
+    got = dsq.dsq_backward(grad, x, lo, up, temp, *d_args, True, True)
+    want = dsq.dsq_backward_reference(grad, x, lo, up, temp, *d_args, True, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    out.append("dsq_backward             within float32 rounding of the reference: True")
+    return out
+
+
 def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    for line in check_triton_kernels():
+        print(line, flush=True)
     for line in compare_devices():
         print(line, flush=True)
     with tempfile.TemporaryDirectory() as tmp:

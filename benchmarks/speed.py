@@ -3,22 +3,15 @@ whole training steps of the demo CNN against the float step. Not a test.
 
 Everything is timed in one process, interleaved (each repetition runs every case once, in a rotating order) so that
 the load of the machine hits every case alike, and reported as the median over the repetitions. Our quantizers run
-in up to three modes, with the same values in each (``tests/test_fused.py``, ``tests/test_native.py``); only the
-speed differs:
+their custom ops (``lightning_quant::*``), whose kernel PyTorch's dispatcher picks by device: the C/OpenMP kernels
+of ``lightning_quant/csrc`` on CPU float32 (column "kernels": ``C``), Triton on CUDA (``Triton``); QuantNoise is
+plain torch ops (``torch``). Rows marked ``torch.compile(module)`` / ``torch.compile(model)`` compile the user's
+module or whole model instead (the ops stay opaque inside the graph); their first call, compile included, is not
+in the medians. The one-time build (or disk-cache load) of the C library is reported apart.
 
-* ``eager``: plain torch ops (``set_compiled(False)``);
-* ``compiled``: the fused kernels compiled by inductor, native kernels off (``set_compiled(True)``);
-* ``native``: the C/OpenMP kernels of ``lightning_quant/csrc`` (PACT, DoReFa, DSQ on CPU float32), inductor for the
-  rest. For PACT this is what the callbacks run by default.
-
-The first call of a compiled case includes the compilation; that start-up cost is reported separately and is not in
-the medians, as is the one-time build of the native library. Rows marked ``torch.compile(module)`` /
-``torch.compile(model)`` compile the user's module or whole model instead: the quantizers then trace as torch ops
-into one graph with their neighbours (never the native kernels).
-
-On CUDA (``--device cuda``) the "native" mode is skipped (the C kernels are CPU-only), and two columns are added: the
-kernels' own device time per call (``torch.profiler``) and its ratio to the reference's. A call on a small tensor
-costs the host more than the GPU, and the wall-clock median shows the host.
+On CUDA (``--device cuda``) two columns are added: the kernels' own device time per call (``torch.profiler``) and
+its ratio to the reference's. A call on a small tensor costs the host more than the GPU, and the wall-clock median
+shows the host.
 
 Sections:
 
@@ -40,7 +33,6 @@ Usage::
     python benchmarks/speed.py                    # everything, 30 repetitions after 5 warm-up calls
     python benchmarks/speed.py --quick            # 8 repetitions, fewer rows: a smoke run
     python benchmarks/speed.py --threads 2 --reps 50 --sections act step
-    python benchmarks/speed.py --fresh-cache      # measure the compile start-up with an empty inductor cache
 """
 
 from __future__ import annotations
@@ -48,20 +40,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-# --fresh-cache must act before torch (inductor) is imported.
-if "--fresh-cache" in sys.argv:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lq_inductor_")
-    os.environ["LIGHTNING_QUANT_CACHE"] = tempfile.mkdtemp(prefix="lq_native_")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -71,7 +56,7 @@ from torch import Tensor, nn  # noqa: E402
 from lightning_quant import inject_quantizers  # noqa: E402
 from lightning_quant.config import DSQConfig, PACTConfig, QuantConfig, QuantNoiseConfig  # noqa: E402
 from lightning_quant.demos import DemoCNN  # noqa: E402
-from lightning_quant.functional import fused, native  # noqa: E402
+from lightning_quant.functional import native  # noqa: E402
 from lightning_quant.quantizers import (  # noqa: E402
     DoReFaWeight,
     DSQActivation,
@@ -84,11 +69,6 @@ ACT_SHAPE = (64, 64, 32, 32)
 WEIGHT_SHAPE = (256, 256, 3, 3)
 CONV_INPUT = (8, 256, 8, 8)
 BATCH = (64, 1, 28, 28)
-# mode -> (fused.set_compiled value, native kernels on). "native" is what the callbacks run by default for PACT,
-# DoReFa and DSQ on CPU float32 (and with compile_quantizers=True); "compiled" is inductor alone, "eager" plain
-# torch ops.
-MODES = {"eager": (False, False), "compiled": (True, False), "native": (True, True)}
-NATIVE_ROWS = ("PACT", "DoReFa", "DSQ")  # the quantizers with native kernels; other rows skip the "native" mode
 DEVICE = torch.device("cpu")
 
 
@@ -104,7 +84,7 @@ class Case:
     section: str
     name: str
     run: Callable[[], object]
-    mode: str = ""  # "eager" / "compiled" for our quantizers, "" for references
+    mode: str = ""  # the kernels of our quantizers (kernels_of), "" for references
     reference: str = ""  # the row this one is divided by
     saved: float | None = None
     note: str = ""
@@ -117,28 +97,11 @@ class Case:
         return statistics.median(self.times) * 1e3
 
 
-def in_mode(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """Run ``fn`` with our kernels eager or compiled (references ignore the switch)."""
-    if not mode:
-        return fn
-
-    def run() -> object:
-        compiled, use_native = MODES[mode]
-        native.set_enabled(use_native)
-        try:
-            with fused.use_compiled(compiled):
-                return fn()
-        finally:
-            native.set_enabled(True)
-
-    return run
-
-
-def modes_for(name: str) -> list[str]:
-    """Every mode for the quantizers with native kernels on CPU, eager and compiled otherwise (the native kernels
-    are CPU-only: on CUDA the "native" mode would only repeat "compiled")."""
-    native_row = DEVICE.type == "cpu" and name.startswith(NATIVE_ROWS)
-    return [m for m in MODES if m != "native" or native_row]
+def kernels_of(name: str) -> str:
+    """The "kernels" column of one of our rows: what the dispatcher runs for it on this device."""
+    if name.startswith("QuantNoise"):
+        return "torch"
+    return "Triton" if DEVICE.type == "cuda" else "C" if name.startswith(("PACT", "DoReFa", "DSQ")) else "torch"
 
 
 def saved_bytes_per_element(forward: Callable[[], Tensor], numel: int) -> float:
@@ -208,13 +171,11 @@ def activation_cases(quick: bool) -> list[Case]:
         ),
     ]
     for name, fwd, inputs in ours:
-        for mode in modes_for(name):
-            case = Case("act", name, in_mode(mode, grad_step(fwd, inputs, g)), mode=mode, reference="ReLU")
-            case.saved = saved_bytes_per_element(in_mode(mode, fwd), n)
-            cases.append(case)
+        case = Case("act", name, grad_step(fwd, inputs, g), mode=kernels_of(name), reference="ReLU")
+        case.saved = saved_bytes_per_element(fwd, n)
+        cases.append(case)
     if not quick:
-        # What a user gets from torch.compile(model): the quantizers trace as torch ops, fused with their
-        # neighbours by inductor (no native kernels inside a compiled graph).
+        # What a user gets from torch.compile(model): the quantizers' ops stay opaque inside the compiled graph.
         relu_c = torch.compile(torch.relu)
         case = Case("act", "ReLU, torch.compile", grad_step(lambda: relu_c(x), [x], g), reference="ReLU")
         relu_c(x)  # compile before measuring the saved bytes
@@ -275,15 +236,13 @@ def weight_cases(quick: bool) -> list[Case]:
         ("QuantNoise block, p=0.1", block, []),
     ]
     for name, module, params in ours:
-        for mode in modes_for(name):
-            fwd = lambda module=module: module(w)  # noqa: E731
-            case = Case("weight", name, in_mode(mode, grad_step(fwd, [w, *params], gw)), mode, "ReLU on the weight")
-            case.saved = saved_bytes_per_element(in_mode(mode, fwd), n)
-            cases.append(case)
-            if not quick:
-                cases.append(
-                    Case("weight", f"conv, {name}", in_mode(mode, conv(fwd, params)), mode, "conv, float weight")
-                )
+        mode = kernels_of(name)
+        fwd = lambda module=module: module(w)  # noqa: E731
+        case = Case("weight", name, grad_step(fwd, [w, *params], gw), mode, "ReLU on the weight")
+        case.saved = saved_bytes_per_element(fwd, n)
+        cases.append(case)
+        if not quick:
+            cases.append(Case("weight", f"conv, {name}", conv(fwd, params), mode, "conv, float weight"))
     fq = ao_fake_quantize(4, signed=True)().to(DEVICE)
     ao = lambda: fq(w)  # noqa: E731
     case = Case("weight", "torch.ao FakeQuantize W4", grad_step(ao, [w], gw), reference="ReLU on the weight")
@@ -357,8 +316,7 @@ def step_cases(quick: bool) -> list[Case]:
         ours.insert(1, ("PACT A4 (float weights)", PACTConfig(act_bits=4, weight_bits=None), None))
         ours.append(("QuantNoise block, p=0.1", QuantNoiseConfig(weight_bits=4, mode="block"), 0.1))
     for name, config, p in ours:
-        for mode in modes_for(name):
-            cases.append(Case("step", name, in_mode(mode, make(config, p)), mode, "float (DemoCNN)"))
+        cases.append(Case("step", name, make(config, p), kernels_of(name), "float (DemoCNN)"))
     cases.append(
         Case(
             "step", "torch.ao QAT W4A4", make(None, transform=lambda m: torch_ao_qat(m, 4)), reference="float (DemoCNN)"
@@ -447,9 +405,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 repetitions, 2 warm-up calls, fewer rows")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--sections", nargs="+", default=["act", "weight", "step"], choices=["act", "weight", "step"])
-    parser.add_argument(
-        "--fresh-cache", action="store_true", help="empty inductor and native caches: cold compile start-up"
-    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--act-batch", type=int, default=ACT_SHAPE[0], help="batch of the activation tensor")
@@ -468,7 +423,7 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name(DEVICE)}")
     print(f"repetitions: {args.reps} timed (interleaved, median) after {args.warmup} warm-up calls per row")
     print(f"activation tensor {ACT_SHAPE} float32; weight {WEIGHT_SHAPE}, conv input {CONV_INPUT}; step batch {BATCH}")
-    print(f"inductor cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default (may be warm)')}\n")
+    print()
 
     start = time.perf_counter()
     library = native.library()
@@ -496,19 +451,7 @@ def main() -> None:
         markdown += [f"**{title}**", "", *lines, ""]
         results[section] = cases
 
-    print("## Compile start-up: each kernel's first compiled call (compilation included), per dtype\n")
-    stats = fused.compile_stats()
-    total = 0.0
-    for name, st in stats.items():
-        for inputs, seconds in st["first_call_seconds"].items():
-            print(f"- {name} ({inputs}): {seconds:.2f} s")
-            total += seconds
-    print(f"- native library (C compiler or disk cache): {build_s:.2f} s")
-    print(f"- all kernels together: {total:.1f} s ({os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')} cache)")
-    failed = {k: st["failed"] for k, st in stats.items() if st["failed"]}
-    if failed:
-        print(f"- kernels that failed to compile (ran eagerly): {failed}")
-
+    print(f"## Start-up: the C library (build or disk cache) {build_s:.2f} s")
     print("\n## Markdown\n")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.reps}; command: "
@@ -534,7 +477,6 @@ def main() -> None:
                 for cases in results.values()
                 for c in cases
             ],
-            "compile_stats": stats,
             "native_build_s": build_s,
         }
         with open(args.json, "w") as f:

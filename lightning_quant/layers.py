@@ -158,8 +158,6 @@ def output_channel_axis(layer: nn.Module) -> int:
     return 1 if is_hf_conv1d(layer) else 0
 
 
-
-
 def swap_layer(layer: nn.Module, weight_quantizer: WeightQuantizer) -> nn.Module:
     """Turn ``layer`` into its quantized twin in place and return it.
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the kernel tests (tests/test_fused.py, tests/test_native.py)."""
+"""Helpers shared by the kernel tests (tests/test_kernels.py, tests/test_triton.py)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,6 @@ def assert_same(a: Tensor | None, b: Tensor | None) -> None:
     assert bad.numel() == 0, (
         f"{bad.shape[0]} elements differ, first at {bad[0].tolist()}: {a[tuple(bad[0])]} vs {b[tuple(bad[0])]}"
     )
-
-
-def grads_of(fn, *leaves: Tensor, grad: Tensor) -> list[Tensor | None]:
-    leaves = tuple(t.detach().clone().requires_grad_(True) for t in leaves)
-    out = fn(*leaves)
-    out.backward(grad)
-    return [out.detach(), *(t.grad for t in leaves)]
 
 
 def pact_input(n: int, alpha: float, bits: int, dtype: torch.dtype, seed: int) -> Tensor:

@@ -18,17 +18,8 @@ from architectures import gpt2, gpt2_ids  # noqa: E402
 from lightning_quant import DSQConfig, PACTConfig, QuantNoiseConfig, export_onnx, inject_quantizers  # noqa: E402
 from lightning_quant.calibrator import ActivationCalibrator  # noqa: E402
 from lightning_quant.export import onnxruntime_session, quantized_tensors  # noqa: E402
-from lightning_quant.functional import fused  # noqa: E402
 from lightning_quant.quantizers import DoReFaWeight  # noqa: E402
 from lightning_quant.surgery import activation_quantizers, weight_quantizers  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _eager_kernels():
-    """Eager torch kernels while training the tiny models: "auto" would spend seconds compiling (same values)."""
-    with fused.use_compiled(False):
-        yield
-
 
 # --------------------------------------------------------------------------------------------------- models
 

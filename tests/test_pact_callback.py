@@ -369,16 +369,8 @@ def test_bf16_mixed_precision_trains_the_quantizers(tmp_path, callback):
         assert not torch.equal(model.relu1.alpha.detach(), torch.tensor([2.0]))
 
 
-def test_compile_quantizers_option_is_checked_and_applied(tmp_path):
-    from lightning_quant.functional import fused
-
-    with pytest.raises(ValueError, match=r"`compile_quantizers` must be True, False, 'on', 'off' or 'auto', got 'x'"):
-        PACTCallback(compile_quantizers="x")
-    previous = fused.get_compiled()
-    try:
-        make_trainer(tmp_path, [PACTCallback(first_last="quantize", compile_quantizers=False)], max_epochs=1).fit(
-            MLPNet()
-        )
-        assert fused.get_compiled() == "off"
-    finally:
-        fused.set_compiled(previous)
+def test_compile_quantizers_is_deprecated_and_ignored():
+    # Kept for one release so that existing scripts run; it no longer changes anything.
+    with pytest.warns(DeprecationWarning, match=r"`compile_quantizers` is deprecated and ignored"):
+        cb = PACTCallback(compile_quantizers=False)
+    assert not hasattr(cb, "compile_quantizers")

@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -38,7 +38,6 @@ from lightning_quant.calibration import get_clip_estimator
 from lightning_quant.calibrator import ActivationCalibrator, check_calibration_batches
 from lightning_quant.callbacks.interplay import check_other_callbacks
 from lightning_quant.config import QuantConfig, recipe_difference
-from lightning_quant.functional import fused
 from lightning_quant.optim import (
     GROUP_NAME,
     LR_SCHEDULE_MODES,
@@ -72,6 +71,8 @@ class QuantizerGroup:
     lr: float | None
     weight_decay: float = 0.0
     reference: list[nn.Parameter] = field(default_factory=list)
+
+
 #: Allowed values of ``schedule_by``: what "training progress" counts.
 SCHEDULE_UNITS = ("step", "epoch")
 
@@ -103,13 +104,9 @@ class QuantizationCallback(Callback):
             ``"epoch"``: one value per epoch, progress ``epoch / (epochs - 1)`` (the papers' "each epoch"), with the
             number of epochs taken from ``max_epochs`` or, when ``max_steps`` ends the run first, from the steps.
             A run bounded by ``max_time`` alone has no known length: a moving schedule is then an error at fit start.
-        compile_quantizers: How the quantizers' elementwise kernels run: ``"auto"`` (default: the native C kernels
-            where they apply -- PACT, DoReFa and DSQ on CPU float32, built once per machine in about a second -- and
-            elsewhere eager, each kernel compiled with ``torch.compile`` once it has spent about as long eagerly as
-            compiling costs, so short runs are never slower), ``True`` (native kernels, and compile the others at
-            first use) or ``False`` (plain torch ops only). Values are the same either way
-            (:mod:`lightning_quant.functional.fused`, :mod:`lightning_quant.functional.native`); the setting is
-            process-wide.
+        compile_quantizers: Deprecated and ignored (warns once if given); removed in the next release. The
+            quantizers' kernels are custom ops that PyTorch's dispatcher runs by device (C on CPU, Triton on CUDA);
+            there is nothing left to switch.
         calibration: How activation clips still to be calibrated start: ``"mse"`` (default: the clip minimising
             the quantization MSE of what the site sees, at its bit width, as LSQ+ and ACIQ do), ``"percentile"``
             (99.99th percentile) or ``"max"``.
@@ -143,7 +140,7 @@ class QuantizationCallback(Callback):
         verbose: bool = True,
         schedules: dict[str, Schedule] | None = None,
         schedule_by: str = "step",
-        compile_quantizers: bool | str = "auto",
+        compile_quantizers: bool | str | None = None,
         calibration: str = "mse",
         calibration_batches: int = 1,
         freeze_bn_stats: float | None = None,
@@ -164,12 +161,11 @@ class QuantizationCallback(Callback):
         self.calibration = calibration
         self.calibration_batches = calibration_batches
         self._calibrator: ActivationCalibrator | None = None
-        try:
-            self.compile_quantizers = fused.parse_mode(compile_quantizers)
-        except ValueError:
-            raise ValueError(
-                f"`compile_quantizers` must be True, False, 'on', 'off' or 'auto', got {compile_quantizers!r}."
-            ) from None
+        if compile_quantizers is not None:
+            rank_zero_deprecation(
+                "`compile_quantizers` is deprecated and ignored: each quantizer has one kernel per device, chosen by"
+                " PyTorch's dispatcher. Remove the argument; it goes in the next release."
+            )
         lr_name = self._arg_names.get("quantizer_lr", "quantizer_lr")
         if self.learns_parameters:
             if quantizer_lr is None:
@@ -302,7 +298,6 @@ class QuantizationCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_strategy(trainer)
-        fused.set_compiled(self.compile_quantizers)
         example = getattr(pl_module, "example_input_array", None)
         self.plan = inject_quantizers(pl_module, self.config, warn=False, example_input=example)
         check_other_callbacks(trainer, self, pl_module, stage)

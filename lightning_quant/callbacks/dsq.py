@@ -52,7 +52,7 @@ class DSQCallback(QuantizationCallback):
         verbose: Print the quantization plan at fit start.
         schedule_by: ``"step"`` (default: the schedule moves with every optimizer step over the whole run, however
             it is bounded) or ``"epoch"`` (one value per epoch); see :class:`QuantizationCallback`.
-        compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        compile_quantizers: Deprecated and ignored; see :class:`QuantizationCallback`.
         quantize_inputs: Put every quantized layer's input on an ``act_bits`` grid where no quantized activation
             already does (GELU/SiLU/Hardswish outputs, residual sums, pooling, LayerNorm, the model's input under
             ``first_last="quantize"`` or ``"8bit"``), with a learned two-sided range calibrated like the clips
@@ -85,7 +85,7 @@ class DSQCallback(QuantizationCallback):
         log_every_n_steps: int | None = None,
         verbose: bool = True,
         schedule_by: str = "step",
-        compile_quantizers: bool | str = "auto",
+        compile_quantizers: bool | str | None = None,
         freeze_bn_stats: float | None = None,
         calibration: str = "mse",
         calibration_batches: int = 1,

@@ -74,7 +74,7 @@ class PACTCallback(QuantizationCallback):
             that layer saw) into the logger's folder. Tracking the largest activation costs one reduction per
             quantized activation per step, so it is off by default.
         verbose: Print the quantization plan at fit start.
-        compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        compile_quantizers: Deprecated and ignored; see :class:`QuantizationCallback`.
         quantize_inputs: Put every quantized layer's input on an ``act_bits`` grid where no quantized activation
             already does (GELU/SiLU/Hardswish outputs, residual sums, pooling, LayerNorm, the model's input under
             ``first_last="quantize"`` or ``"8bit"``), with a learned two-sided range calibrated like the clips
@@ -112,7 +112,7 @@ class PACTCallback(QuantizationCallback):
         log_every_n_steps: int | None = None,
         plot: bool = False,
         verbose: bool = True,
-        compile_quantizers: bool | str = "auto",
+        compile_quantizers: bool | str | None = None,
         freeze_bn_stats: float | None = None,
         calibration: str = "percentile",
         calibration_batches: int = 1,

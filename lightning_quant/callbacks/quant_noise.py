@@ -42,7 +42,7 @@ class QuantNoiseCallback(QuantizationCallback):
         verbose: Print the quantization plan at fit start.
         schedule_by: ``"step"`` (default: the schedule moves with every optimizer step over the whole run, however
             it is bounded) or ``"epoch"`` (one value per epoch); see :class:`QuantizationCallback`.
-        compile_quantizers: ``"auto"`` (default), ``True`` or ``False``; see :class:`QuantizationCallback`.
+        compile_quantizers: Deprecated and ignored; see :class:`QuantizationCallback`.
         freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
             updating) its running statistics; see :class:`QuantizationCallback`.
 
@@ -66,7 +66,7 @@ class QuantNoiseCallback(QuantizationCallback):
         log_every_n_steps: int | None = None,
         verbose: bool = True,
         schedule_by: str = "step",
-        compile_quantizers: bool | str = "auto",
+        compile_quantizers: bool | str | None = None,
         freeze_bn_stats: float | None = None,
     ) -> None:
         config = QuantNoiseConfig(

@@ -1,19 +1,9 @@
-/* Native CPU kernels for the PACT activation, the DoReFa weight quantizer and DSQ (float32, contiguous).
- *
- * Plain C with OpenMP, compiled on first use by lightning_quant/functional/native.py and called through ctypes with
- * raw data pointers: no torch headers, so it builds in about a second. Each function is one pass over memory (two
- * for DoReFa, whose second pass needs a reduction of the first), where the torch version needs several kernels and
- * temporary tensors.
- *
- * The arithmetic is the torch code's, operation for operation, in float32 and in the same order; the build uses
- * -ffp-contract=off (no fused multiply-add) and no fast-math, so every per-element value is bit-identical to eager
- * torch (tests/test_native.py), except DSQ's backward (see its section). Reductions accumulate in float64, as the
- * torch code does (`sum(dtype=float64)`), so the summation order, which differs, almost never shows in the float32
- * result.
- *
- * Sums are `omp simd` reductions: each vector lane and thread keeps its own float64 partial sum, added at the end
- * in an order fixed by the thread count (an in-order sum cannot be vectorized). DSQ's backward, which is not
- * bit-exact anyway, sums fixed blocks in float and the blocks in float64 (see there).
+/* CPU kernels of the PACT activation, the DoReFa weight quantizer and DSQ (float32, contiguous), called through ctypes
+ * by lightning_quant/functional/native.py inside the custom ops. One pass over memory each way (two for DoReFa, whose
+ * second pass needs a reduction of the first). The arithmetic is the torch reference's, operation for operation, in
+ * float32 and in the same order, built without fused multiply-add or fast-math, so every value is bit-identical to it
+ * (tests/test_kernels.py), except DSQ's backward (see its section). Sums are `omp simd` reductions in float64, per
+ * vector lane and thread, added in an order fixed by the thread count.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,28 +29,15 @@ void lq_pact_forward_f32(const float *x, float *q, int8_t *code, int64_t n, floa
 }
 
 /* PACT backward: grad_x = g * (code == 1), and returns sum(g * (code == 2)) (the alpha gradient) in float64.
- * Products, not selects: g * 0 is NaN for an infinite g, as in torch. grad_x may be NULL (alpha only). */
-double lq_pact_backward_f32(const float *g, const int8_t *code, float *grad_x, int64_t n, int want_alpha,
-                            int threads) {
-    if (!want_alpha) {
-        if (grad_x) {
-#pragma omp parallel for num_threads(LQ_THREADS(n, threads)) schedule(static)
-            for (int64_t i = 0; i < n; ++i) grad_x[i] = g[i] * (code[i] == 1 ? 1.0f : 0.0f);
-        }
-        return 0.0;
-    }
+ * Products, not selects: g * 0 is NaN for an infinite g, as in torch. */
+double lq_pact_backward_f32(const float *g, const int8_t *code, float *grad_x, int64_t n, int threads) {
     double total = 0.0;
-    if (grad_x) {
 #pragma omp parallel for simd num_threads(LQ_THREADS(n, threads)) schedule(static) reduction(+ : total)
-        for (int64_t i = 0; i < n; ++i) {
-            float gi = g[i];
-            int8_t c = code[i];
-            grad_x[i] = gi * (c == 1 ? 1.0f : 0.0f);
-            total += (double)(gi * (c == 2 ? 1.0f : 0.0f));
-        }
-    } else {
-#pragma omp parallel for simd num_threads(LQ_THREADS(n, threads)) schedule(static) reduction(+ : total)
-        for (int64_t i = 0; i < n; ++i) total += (double)(g[i] * (code[i] == 2 ? 1.0f : 0.0f));
+    for (int64_t i = 0; i < n; ++i) {
+        float gi = g[i];
+        int8_t c = code[i];
+        grad_x[i] = gi * (c == 1 ? 1.0f : 0.0f);
+        total += (double)(gi * (c == 2 ? 1.0f : 0.0f));
     }
     return total;
 }
@@ -114,13 +91,10 @@ void lq_dorefa_backward_f32(const float *g, const float *t, float *g_t, int64_t 
 }
 
 /* ---------------------------------------------------------------------------------------------------- DSQ
- * DSQ (functional/dsq.py) for one range [lo, up_eff] with bin width delta and nlev = 2^bits - 1 bins, optionally
- * after the activation it replaces (pre: 0 none, 1 relu, 2 relu6), as if torch had run that activation first.
- * The forward is the torch code's arithmetic, bit for bit. The backward needs tanh; libm's does not vectorize and
- * torch's (SLEEF) cannot be called from here, so lq_tanhf below is its own (within 5 ulp of the exact value; torch's
- * is within 1), and the backward folds constants, fuses multiply-adds and sums in float blocks where torch does each
- * step apart. The DSQ gradients therefore agree with the torch path to float32 rounding, not bit for bit
- * (tests/test_native.py). */
+ * DSQ (functional/dsq.py) for one range [lo, up_eff], bin width delta, nlev = 2^bits - 1 bins, after the activation it
+ * replaces (pre: 0 none, 1 relu, 2 relu6). The forward is the reference's arithmetic, bit for bit. The backward needs
+ * tanh; libm's does not vectorize and torch's (SLEEF) cannot be called from here, so lq_tanhf is its own (within 5 ulp;
+ * torch's within 1), and constants are folded: its gradients agree with the reference to float32 rounding. */
 
 /* The activation as a clip to [floor, ceil]: (-inf, inf) for none, (0, inf) for relu, (0, 6) for relu6. Branch-free,
  * so the loops vectorize; NaN passes through. */

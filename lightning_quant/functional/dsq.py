@@ -7,7 +7,7 @@ characteristic variable ``alpha`` in ``(0, 1)`` (the "temperature") fixes the st
 ``k = log(2 / alpha - 1) / Delta`` and ``s = 1 / tanh(0.5 * k * Delta)`` (``= 1 / (1 - alpha)``), and
 
 * ``phi(x) = s * tanh(k * (x - m_i))`` (from -1 at the bin's left edge to +1 at its right edge),
-* the soft value ``Q_s(x) = l + Delta * (i + (phi(x) + 1) / 2)`` (:func:`dsq_soft`),
+* the soft value ``Q_s(x) = l + Delta * (i + (phi(x) + 1) / 2)`` (``dsq_soft`` in ``tests/test_dsq_numerics.py``),
 * the hard value ``Q(x) = l + Delta * (i + (sgn(phi(x)) + 1) / 2)``, i.e. ``x`` rounded to the nearest level.
 
 Writing ``c = k * Delta = log(2 / alpha - 1)`` (dimensionless), the slope is ``dQ_s/dx = 0.5 * s * c *
@@ -59,6 +59,11 @@ Guards (no data-dependent Python branches, so ``torch.compile`` sees one graph):
 Dtypes: the arithmetic runs in the promotion of ``x``'s, the bounds' and ``alpha``'s dtypes, at least float32
 (bf16/fp16 inputs are upcast); the output is cast back to ``x``'s dtype, so under bf16 it holds each level rounded to
 bf16 (still at most ``2^b`` distinct values). Each gradient is returned in its input's dtype.
+
+Kernels: the custom ops ``lightning_quant::dsq_forward`` / ``dsq_backward`` (the replaced activation folded in): the
+reference below (any broadcastable bounds, any dtype), the C kernels on CPU float32 with one range per tensor and
+Triton on CUDA likewise; their forwards are bit-identical to the reference, their gradients agree to float32 rounding
+(their own vectorized tanh).
 """
 
 from __future__ import annotations
@@ -68,19 +73,16 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_quant.functional import fused, native
+from lightning_quant.functional import native
+from lightning_quant.functional._dispatch import register_kernels
 from lightning_quant.functional.checks import check_bits
 
 __all__ = [
     "ALPHA_EPS",
     "DEFAULT_MIN_WIDTH",
-    "dsq_centre_slope",
-    "dsq_levels",
     "dsq_quantize",
-    "dsq_soft",
 ]
 
 ALPHA_EPS = 1e-6
@@ -154,215 +156,73 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.to(like.dtype)
 
 
-class _DSQFunction(torch.autograd.Function):
-    """Hard value forward, analytic soft-value backward (see the module docstring for every convention)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float) -> Tensor:
-        # Only the inputs are saved; the backward recomputes the bin, which is cheaper than storing it.
-        ctx.save_for_backward(x, lower, upper, alpha)
-        ctx.bits = bits
-        ctx.min_width = min_width
-        if _fusable(x, lower, upper, alpha):
-            q = _forward(x.view(-1), lower.reshape(()), upper.reshape(()), alpha.reshape(()), bits, min_width)
-            return q.view(x.shape)
-        return _hard(x, lower, upper, alpha, bits, min_width)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, lower, upper, alpha = ctx.saved_tensors
-        if _fusable(x, lower, upper, alpha, grad_out):
-            return _fused_backward(ctx, x, lower, upper, alpha, grad_out)
-        need_x, need_l, need_u, need_a = ctx.needs_input_grad[:4]
-        dtype = _compute_dtype(x.dtype, lower.dtype, upper.dtype, alpha.dtype)
-        xc, lo, up, al = x.to(dtype), lower.to(dtype), upper.to(dtype), alpha.to(dtype)
-        go = grad_out.to(dtype)
-        n = 2**ctx.bits - 1
-        up_eff, delta = _range(lo, up, n, ctx.min_width)
-
-        inside = (xc >= lo) & (xc <= up_eff)  # False for NaN
-        # The `where`s below select, never multiply, so NaN/inf computed for points outside the range could not
-        # leak into the sums for l, u and alpha anyway; the finite stand-in just keeps the arithmetic clean.
-        xs = torch.where(inside, xc, lo)
-        t = (xs - lo) / delta
-        i = torch.floor(t).clamp(0, n - 1)
-        y = t - i - 0.5
-        a, c = _sharpness(al)
-        half_tanh = torch.tanh(0.5 * c)  # = 1 / s = 1 - alpha
-        th = torch.tanh(c * y)
-        sech2 = 1.0 - th * th
-        g = 0.5 * th / half_tanh  # Q_s = l + Delta * (i + 0.5 + g)
-        slope = 0.5 * c * sech2 / half_tanh  # dQ_s/dx
-        zero = torch.zeros((), dtype=dtype, device=go.device)
-
-        grad_x = grad_l = grad_u = grad_a = None
-        if need_x:
-            grad_x = _reduce_to(torch.where(inside, go * slope, zero), x)
-        if need_l or need_u:
-            # (g - y) and (1 - slope) are the small deviations from the identity; grouping them avoids the
-            # cancellation of (i + 0.5 + g) - slope * t at high bit widths.
-            d_up = ((g - y) + t * (1.0 - slope)) / n
-            if need_u:
-                above = xc > up_eff
-                grad_u = _reduce_to(torch.where(inside, go * d_up, torch.where(above, go, zero)), upper)
-            if need_l:
-                below = xc < lo
-                grad_l = _reduce_to(torch.where(inside, go * (1.0 - slope - d_up), torch.where(below, go, zero)), lower)
-        if need_a:
-            grad_a = _reduce_to(torch.where(inside, go * delta * _dg_dc(g, y, c), zero) * _dc_dalpha(al, a), alpha)
-        return grad_x, grad_l, grad_u, grad_a, None, None
-
-
-# ------------------------------------------------------------------------------------------------ fused path
-# For one range per tensor (0-d or one-element bounds, the case of both DSQ modules) the per-element work runs in
-# fused kernels (functional/fused.py), eager or compiled with bit-identical results. The operations are those of
-# `_hard` and of the backward above, in the same order; what inductor would compute differently stays eager: the
-# per-element `tanh` and `sinh` (on tensors the kernels write), the sums (of per-element terms the kernels write),
-# and every 0-d quantity (range, sharpness).
-
-
-def _fusable(x: Tensor, *others: Tensor) -> bool:
-    bounds, grads = others[:3], others[3:]
-    one_range = all(b.numel() == 1 and b.dim() <= x.dim() for b in bounds)
-    return one_range and fused.fusable(x, *grads) and all(g.shape == x.shape for g in grads)
-
-
-def _bins(xc: Tensor, lo: Tensor, up_eff: Tensor, delta: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    inside = (xc >= lo) & (xc <= up_eff)
-    xs = torch.where(inside, xc, lo)
-    t = (xs - lo) / delta
-    i = torch.floor(t).clamp(0, n - 1)
-    return inside, t, t - i - 0.5
-
-
-def _tanh_arg_body(x: Tensor, lo: Tensor, up_eff: Tensor, delta: Tensor, c: Tensor, n: int) -> Tensor:
-    _, _, y = _bins(x.to(lo.dtype), lo, up_eff, delta, n)
-    return c * y
-
-
-def _tanh_sinh_args_body(
-    x: Tensor, lo: Tensor, up_eff: Tensor, delta: Tensor, c: Tensor, c_big: Tensor, n: int
-) -> tuple[Tensor, Tensor]:
-    _, _, y = _bins(x.to(lo.dtype), lo, up_eff, delta, n)
-    z = 2.0 * c_big * y
-    return c * y, torch.where(z == 0, torch.ones_like(z), z)
-
-
-def _soft(
-    x: Tensor,
-    grad_out: Tensor,
-    th: Tensor,
-    lo: Tensor,
-    up_eff: Tensor,
-    delta: Tensor,
-    c: Tensor,
-    half_tanh: Tensor,
-    n: int,
-) -> tuple[Tensor, ...]:
-    xc, go = x.to(lo.dtype), grad_out.to(lo.dtype)
-    inside, t, y = _bins(xc, lo, up_eff, delta, n)
-    sech2 = 1.0 - th * th
-    g = 0.5 * th / half_tanh
-    slope = 0.5 * c * sech2 / half_tanh
-    zero = torch.zeros_like(lo)
-    d_up = ((g - y) + t * (1.0 - slope)) / n
-    grad_x = torch.where(inside, go * slope, zero).to(x.dtype)
-    terms_u = torch.where(inside, go * d_up, torch.where(xc > up_eff, go, zero))
-    terms_l = torch.where(inside, go * (1.0 - slope - d_up), torch.where(xc < lo, go, zero))
-    return grad_x, terms_l, terms_u, inside, go, g, y
-
-
-def _backward_body(
-    x: Tensor,
-    grad_out: Tensor,
-    th: Tensor,
-    lo: Tensor,
-    up_eff: Tensor,
-    delta: Tensor,
-    c: Tensor,
-    half_tanh: Tensor,
-    n: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _soft(x, grad_out, th, lo, up_eff, delta, c, half_tanh, n)[:3]
-
-
-def _backward_alpha_body(
-    x: Tensor,
-    grad_out: Tensor,
-    th: Tensor,
-    sh: Tensor,
-    lo: Tensor,
-    up_eff: Tensor,
-    delta: Tensor,
-    c: Tensor,
-    half_tanh: Tensor,
-    c_big: Tensor,
-    small: Tensor,
-    ratio: Tensor,
-    dc_dalpha: Tensor,
-    n: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grad_x, terms_l, terms_u, inside, go, g, y = _soft(x, grad_out, th, lo, up_eff, delta, c, half_tanh, n)
-    # _dg_dc, with sinh(z_safe) (`sh`) and c_big / sinh(c_big) (`ratio`) computed eagerly.
-    z = 2.0 * c_big * y
-    z_safe = torch.where(z == 0, torch.ones_like(z), z)
-    h_z = torch.where(z == 0, torch.ones_like(z), z_safe / sh)
-    exact = g * (h_z - ratio) / c_big
-    y2 = y * y
-    c2 = c * c
-    series = (1 - 4 * y2) / 6 - 7 * c2 * (1 - 16 * y2 * y2) / 360 + 31 * c2 * c2 * (1 - 64 * y2**3) / 15120
-    dg_dc = torch.where(small, g * (c * series), exact)
-    terms_a = torch.where(inside, go * delta * dg_dc, torch.zeros_like(lo)) * dc_dalpha
-    return grad_x, terms_l, terms_u, terms_a
-
-
-_forward = fused.FusedKernel("dsq_forward", _hard)
-_tanh_arg = fused.FusedKernel("dsq_tanh_arg", _tanh_arg_body)
-_tanh_sinh_args = fused.FusedKernel("dsq_tanh_sinh_args", _tanh_sinh_args_body)
-_backward = fused.FusedKernel("dsq_backward", _backward_body)
-_backward_alpha = fused.FusedKernel("dsq_backward_alpha", _backward_alpha_body)
-
-
-def _fused_backward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, grad_out: Tensor) -> tuple:
-    need_x, need_l, need_u, need_a = ctx.needs_input_grad[:4]
-    dtype = _compute_dtype(x.dtype, lower.dtype, upper.dtype, alpha.dtype)
-    lo, up, al = lower.to(dtype).reshape(()), upper.to(dtype).reshape(()), alpha.to(dtype).reshape(())
-    n = 2**ctx.bits - 1
-    up_eff, delta = _range(lo, up, n, ctx.min_width)
-    a, c = _sharpness(al)
-    half_tanh = torch.tanh(0.5 * c)
-    xf, gf = x.view(-1), grad_out.view(-1)
-    if need_a:
-        threshold = _SERIES_C.get(c.dtype, 0.25)
-        small = c < threshold
-        c_big = torch.where(small, torch.full_like(c, threshold), c)
-        cy, z_safe = _tanh_sinh_args(xf, lo, up_eff, delta, c, c_big, n)
-        th, sh = torch.tanh(cy), torch.sinh(z_safe)
-        ratio = c_big / torch.sinh(c_big)
-        dc_dalpha = _dc_dalpha(al, a)
-        grad_x, terms_l, terms_u, terms_a = _backward_alpha(
-            xf, gf, th, sh, lo, up_eff, delta, c, half_tanh, c_big, small, ratio, dc_dalpha, n
-        )
-        grad_a = _reduce_to(terms_a.view(x.shape), alpha)
-    else:
-        th = torch.tanh(_tanh_arg(xf, lo, up_eff, delta, c, n))
-        grad_x, terms_l, terms_u = _backward(xf, gf, th, lo, up_eff, delta, c, half_tanh, n)
-        grad_a = None
-    grad_x = grad_x.view(x.shape) if need_x else None
-    # Summed in x's shape, as the eager backward sums them (the same reduction, so the same last bit).
-    grad_l = _reduce_to(terms_l.view(x.shape), lower) if need_l else None
-    grad_u = _reduce_to(terms_u.view(x.shape), upper) if need_u else None
-    return grad_x, grad_l, grad_u, grad_a, None, None
-
-
-# ------------------------------------------------------------------------------------------------ native path
-# On CPU float32 with one finite range (0-d or one-element bounds and alpha: both DSQ modules), the forward and the
-# backward each run in one pass of the C kernels (csrc/quant_kernels.c), with the activation folded in. The forward
-# is bit-identical to the torch code; the backward evaluates tanh with its own vectorized polynomial (and, for a
-# learned alpha, z / sinh(z) from that tanh), so the gradients agree with the torch path to float32 rounding, not
-# bit for bit.
-
 _ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+
+
+def _activate(x: Tensor, activation: int) -> Tensor:
+    """The activation DSQ replaces (0 none, 1 ReLU, 2 ReLU6), applied first."""
+    return x if activation == 0 else (torch.relu(x) if activation == 1 else torch.clamp(x, 0.0, 6.0))
+
+
+def _passes(x: Tensor, activation: int) -> Tensor | bool:
+    """Where that activation passes its gradient, as ``threshold_backward`` / ``hardtanh_backward`` select it."""
+    return True if activation == 0 else ((x > 0) if activation == 1 else (x > 0) & (x < 6))
+
+
+def dsq_forward_reference(
+    x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float, activation: int
+) -> Tensor:
+    """The exact forward value in torch ops (bounds of any broadcastable shape, any floating dtype)."""
+    return _hard(_activate(x, activation), lower, upper, alpha, bits, min_width)
+
+
+def dsq_backward_reference(
+    grad: Tensor,
+    x: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    alpha: Tensor,
+    bits: int,
+    min_width: float,
+    activation: int,
+    need_lower: bool,
+    need_alpha: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of ``x``, ``lower``, ``upper`` and ``alpha`` through the soft value (module docstring); those
+    of ``lower`` / ``alpha`` are zeros unless asked for."""
+    dtype = _compute_dtype(x.dtype, lower.dtype, upper.dtype, alpha.dtype)
+    xc, lo, up, al = _activate(x, activation).to(dtype), lower.to(dtype), upper.to(dtype), alpha.to(dtype)
+    go = grad.to(dtype)
+    n = 2**bits - 1
+    up_eff, delta = _range(lo, up, n, min_width)
+    inside = (xc >= lo) & (xc <= up_eff)  # False for NaN
+    # The `where`s below select, never multiply, so NaN/inf computed for points outside the range can not leak into
+    # the sums for l, u and alpha; the finite stand-in just keeps the arithmetic clean.
+    t = (torch.where(inside, xc, lo) - lo) / delta
+    y = t - torch.floor(t).clamp(0, n - 1) - 0.5
+    a, c = _sharpness(al)
+    half_tanh = torch.tanh(0.5 * c)  # = 1 / s = 1 - alpha
+    th = torch.tanh(c * y)
+    g = 0.5 * th / half_tanh  # Q_s = l + Delta * (i + 0.5 + g)
+    slope = 0.5 * c * (1.0 - th * th) / half_tanh  # dQ_s/dx
+    zero = torch.zeros((), dtype=dtype, device=go.device)
+    grad_x = _reduce_to(torch.where(inside & _passes(x, activation), go * slope, zero), x)
+    # (g - y) and (1 - slope) are the small deviations from the identity; grouping them avoids the cancellation of
+    # (i + 0.5 + g) - slope * t at high bit widths.
+    d_up = ((g - y) + t * (1.0 - slope)) / n
+    grad_u = _reduce_to(torch.where(inside, go * d_up, torch.where(xc > up_eff, go, zero)), upper)
+    grad_l = torch.zeros_like(lower)
+    if need_lower:
+        below = torch.where(xc < lo, go, zero)
+        grad_l = _reduce_to(torch.where(inside, go * (1.0 - slope - d_up), below), lower)
+    grad_a = torch.zeros_like(alpha)
+    if need_alpha:
+        grad_a = _reduce_to(torch.where(inside, go * delta * _dg_dc(g, y, c), zero) * _dc_dalpha(al, a), alpha)
+    return grad_x, grad_l, grad_u, grad_a
+
+
+# ------------------------------------------------------------------------------------------------ C kernels
+# On CPU float32 with one finite range per tensor (both DSQ modules): the activation folded in, one pass each way.
 
 
 class _NativeScalars(NamedTuple):
@@ -382,7 +242,7 @@ class _NativeScalars(NamedTuple):
 def _native_scalars(
     x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float
 ) -> _NativeScalars | None:
-    """The C kernels' scalars, or None where the torch path must run.
+    """The C kernels' scalars, or None where the reference must run.
 
     Computed with Python floats instead of a dozen 0-d torch ops (those took 0.2 ms per call, a sixth of the forward
     on a 4M-element tensor). ``lo``, ``up_eff`` and ``delta`` are the float32 values :func:`_range` computes: each
@@ -392,11 +252,9 @@ def _native_scalars(
     if lower.numel() != 1 or upper.numel() != 1 or alpha.numel() != 1:
         return None
     # Bounds broadcast into x's shape only if they have no more dimensions than x.
-    if max(lower.dim(), upper.dim(), alpha.dim()) > x.dim():
+    if max(lower.dim(), upper.dim(), alpha.dim()) > x.dim() or native.applies(x, lower, upper, alpha) is None:
         return None
-    if native.applies(x, lower, upper, alpha) is None:
-        return None
-    lo, up, al = float(lower.detach()), float(upper.detach()), float(alpha.detach())
+    lo, up, al = float(lower), float(upper), float(alpha)
     if not (math.isfinite(lo) and math.isfinite(up) and math.isfinite(al)):
         return None
     f32 = native.to_float32
@@ -423,54 +281,68 @@ def _native_scalars(
     )
 
 
-class _DSQNativeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, scalars: _NativeScalars, act: str | None):
-        ctx.save_for_backward(x)
-        ctx.scalars = scalars
-        ctx.pre = _ACTIVATIONS[act]
-        ctx.shapes = (lower.shape, upper.shape, alpha.shape)
-        q = torch.empty_like(x)
-        lib = native.library()
-        s = scalars
-        lib.lq_dsq_forward_f32(
-            x.data_ptr(), q.data_ptr(), x.numel(), s.lo, s.up_eff, s.delta, s.n, ctx.pre, native.threads()
-        )
-        return q
+@torch.library.custom_op("lightning_quant::dsq_forward", mutates_args=())
+def dsq_forward(
+    x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float, activation: int
+) -> Tensor:
+    s = _native_scalars(x, lower, upper, alpha, bits, min_width)
+    if s is None:
+        return dsq_forward_reference(x, lower, upper, alpha, bits, min_width, activation)
+    q = torch.empty_like(x)
+    native.library().lq_dsq_forward_f32(
+        x.data_ptr(), q.data_ptr(), x.numel(), s.lo, s.up_eff, s.delta, s.n, activation, native.threads()
+    )
+    return q
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = torch.empty_like(x)
-        sums = (ctypes.c_double * 3)()
-        need_x, need_l, need_u, need_a = ctx.needs_input_grad[:4]
-        s = ctx.scalars
-        lib = native.library()
-        lib.lq_dsq_backward_f32(
-            x.data_ptr(),
-            grad_out.data_ptr(),
-            grad_x.data_ptr(),
-            ctypes.addressof(sums),
-            x.numel(),
-            s.lo,
-            s.up_eff,
-            s.delta,
-            s.n,
-            s.c,
-            s.half_tanh,
-            ctx.pre,
-            int(need_l),  # DSQActivation keeps `lower` fixed by default: its sum is skipped
-            s.alpha_mode if need_a else 0,
-            s.ratio,
-            native.threads(),
-        )
-        # Rounded to float32 as the torch path's float32 sums are (the bounds and alpha are float32 here).
-        shape_l, shape_u, shape_a = ctx.shapes
-        grad_l = torch.full(shape_l, native.to_float32(sums[0])) if need_l else None
-        grad_u = torch.full(shape_u, native.to_float32(sums[1])) if need_u else None
-        grad_a = torch.full(shape_a, native.to_float32(sums[2] * s.delta * s.dc_dalpha)) if need_a else None
-        return (grad_x if need_x else None), grad_l, grad_u, grad_a, None, None
+
+@torch.library.custom_op("lightning_quant::dsq_backward", mutates_args=())
+def dsq_backward(
+    grad: Tensor,
+    x: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    alpha: Tensor,
+    bits: int,
+    min_width: float,
+    activation: int,
+    need_lower: bool,
+    need_alpha: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (bits, min_width, activation, need_lower, need_alpha)
+    s = _native_scalars(x, lower, upper, alpha, bits, min_width) if grad.dtype == torch.float32 else None
+    if s is None or grad.shape != x.shape:
+        return dsq_backward_reference(grad, x, lower, upper, alpha, *args)
+    grad = grad.contiguous()
+    grad_x = torch.empty_like(x)
+    sums = (ctypes.c_double * 3)()
+    native.library().lq_dsq_backward_f32(
+        *(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), ctypes.addressof(sums), x.numel()),
+        *(s.lo, s.up_eff, s.delta, s.n, s.c, s.half_tanh, activation, int(need_lower)),
+        *(s.alpha_mode if need_alpha else 0, s.ratio, native.threads()),
+    )
+    # Rounded to float32 as the reference's float32 sums are (the bounds and alpha are float32 here).
+    grad_l = torch.full(lower.shape, native.to_float32(sums[0]))
+    grad_u = torch.full(upper.shape, native.to_float32(sums[1]))
+    grad_a = torch.full(alpha.shape, native.to_float32(sums[2] * s.delta * s.dc_dalpha))
+    return grad_x, grad_l, grad_u, grad_a
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    # Only the inputs are saved; the backward recomputes the bin, which is cheaper than storing it.
+    ctx.save_for_backward(*inputs[:4])
+    ctx.args = inputs[4:]
+
+
+def _backward(ctx, grad: Tensor) -> tuple:
+    x, lower, upper, alpha = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = dsq_backward(grad, x, lower, upper, alpha, *ctx.args, need[1], need[3])
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
+
+
+dsq_forward.register_autograd(_backward, setup_context=_setup_context)
+register_kernels(dsq_forward, "dsq_forward", dsq_forward_reference)
+register_kernels(dsq_backward, "dsq_backward", dsq_backward_reference)
 
 
 def _dg_dc(g: Tensor, y: Tensor, c: Tensor) -> Tensor:
@@ -514,7 +386,7 @@ def dsq_quantize(
     centres, the gradients of the bounds, NaN and inf) are listed in the module docstring.
 
     ``activation="relu"`` (or ``"relu6"``) quantizes ``relu(x)``: the same values and gradients as
-    ``dsq_quantize(F.relu(x), ...)``, in one pass where the native CPU kernels apply (:mod:`.native`).
+    ``dsq_quantize(F.relu(x), ...)``, in one pass (the activation is folded into the kernels).
 
     Args:
         x: Input of any shape and floating dtype.
@@ -537,109 +409,7 @@ def dsq_quantize(
     if activation not in _ACTIVATIONS:
         raise ValueError(f"`activation` must be None, 'relu' or 'relu6', got {activation!r}.")
     lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
-    scalars = _native_scalars(x, lo, up, al, bits, min_width)
-    if scalars is not None:
-        return _DSQNativeFunction.apply(x, lo, up, al, scalars, activation)
-    if activation is not None:
-        x = F.relu(x) if activation == "relu" else F.relu6(x)
-    return _DSQFunction.apply(x, lo, up, al, bits, float(min_width))
-
-
-def dsq_soft(
-    x: Tensor,
-    lower: Bound,
-    upper: Bound,
-    alpha: Bound,
-    bits: int,
-    min_width: float = DEFAULT_MIN_WIDTH,
-) -> Tensor:
-    """The soft value ``Q_s`` (``l`` below the range, ``u`` above), built from ordinary differentiable ops.
-
-    Its autograd gradient is, by construction, what :func:`dsq_quantize` backpropagates; it serves as an
-    independent check of that analytic backward and for plots of the curve. NaN in ``x`` passes through with zero
-    gradient to the bounds, as in :func:`dsq_quantize`.
-
-    Args:
-        x: Input of any shape and floating dtype.
-        lower: Lower bound ``l`` (tensor or float).
-        upper: Upper bound ``u`` (tensor or float).
-        alpha: Characteristic variable in ``(0, 1)`` (tensor or float).
-        bits: Bit width, an int in 1..16.
-        min_width: Smallest range width, as in :func:`dsq_quantize`.
-
-    Returns:
-        ``Q_s(x)`` in the compute dtype (the promotion of the inputs' dtypes, at least float32).
-
-    Raises:
-        ValueError: If ``bits`` is not an int in 1..16 or ``min_width`` is not a finite number > 0.
-    """
-    check_bits(bits, "bits")
-    _check_min_width(min_width)
-    lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
-    dtype = _compute_dtype(x.dtype, lo.dtype, up.dtype, al.dtype)
-    xc, lo, up, al = x.to(dtype), lo.to(dtype), up.to(dtype), al.to(dtype)
-    n = 2**bits - 1
-    # Same guard as the forward, with the gradient passed straight through it to `upper` (values from the guard,
-    # gradients as if Delta = (u - l) / n), matching the analytic backward.
-    up_guard, delta_guard = _range(lo.detach(), up.detach(), n, min_width)
-    up_eff = up + (up_guard - up).detach()
-    delta_raw = (up - lo) / n
-    delta = delta_raw + (delta_guard - delta_raw).detach()
-
-    inside = (xc >= lo) & (xc <= up_eff)
-    xs = torch.where(inside, xc, lo)
-    t = (xs - lo) / delta
-    i = torch.floor(t.detach()).clamp(0, n - 1)
-    centre = lo + (i + 0.5) * delta
-    _, c = _sharpness(al)
-    k = c / delta
-    s = 1.0 / torch.tanh(0.5 * c)
-    phi = s * torch.tanh(k * (xs - centre))
-    q_soft = lo + delta * (i + (phi + 1.0) / 2.0)
-    clipped = torch.where(xc < lo, lo, up_eff)
-    out = torch.where(inside, q_soft, clipped)
-    return torch.where(torch.isnan(xc), xc, out)
-
-
-def dsq_levels(lower: Bound, upper: Bound, bits: int) -> Tensor:
-    """The ``2^bits`` levels the forward can emit for a 0-d range (for logging and plots).
-
-    Args:
-        lower: Lower bound ``l``.
-        upper: Upper bound ``u`` (assumed ``>= lower + DEFAULT_MIN_WIDTH``).
-        bits: Bit width, an int in 1..16.
-
-    Returns:
-        A 1-d tensor ``[l, l + Delta, ..., u]``, computed exactly as the forward computes them.
-
-    Raises:
-        ValueError: If ``bits`` is not an int in 1..16.
-    """
-    check_bits(bits, "bits")
-    lo = torch.as_tensor(lower, dtype=torch.float64 if not isinstance(lower, Tensor) else None)
-    up = torch.as_tensor(upper, dtype=lo.dtype, device=lo.device)
-    n = 2**bits - 1
-    up_eff, delta = _range(lo.detach(), up.detach(), n, DEFAULT_MIN_WIDTH)
-    idx = torch.arange(n + 1, dtype=lo.dtype, device=lo.device)
-    return torch.where(idx >= n, up_eff, lo.detach() + idx * delta)
-
-
-def dsq_centre_slope(alpha: float) -> float:
-    """The slope ``dQ_s/dx`` at a bin centre, ``0.5 * s * log(2 / alpha - 1)`` (independent of the range and bits).
-
-    Args:
-        alpha: Characteristic variable in ``(0, 1)``.
-
-    Returns:
-        The slope (1 in the STE limit alpha -> 1, growing without bound as alpha -> 0).
-
-    Raises:
-        ValueError: If ``alpha`` is not in ``(0, 1)``.
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"`alpha` must be a float in the open interval (0, 1), got {alpha!r}.")
-    c = math.log1p(2.0 * (1.0 - alpha) / alpha)
-    return 0.5 * c / math.tanh(0.5 * c)
+    return dsq_forward(x, lo, up, al, bits, float(min_width), _ACTIVATIONS[activation])
 
 
 def _check_min_width(min_width: object) -> None:

@@ -27,6 +27,9 @@ rounded output. NaN weights give NaN outputs and contribute no gradient to ``w``
 Step floor: the forward uses ``max(s, min_step)`` and the step's gradient passes straight through that floor (as
 ``pact_quantize``'s ``min_alpha``), so a step pushed below it can come back. A step ``<= 0`` would divide by zero or
 flip the grid, so ``min_step`` must be positive whenever the step could reach 0 (the module passes one).
+
+Kernels: the custom ops ``lightning_quant::lsq_forward`` / ``lsq_backward``: the torch reference below on CPU (no C
+kernel: the same torch ops as before this design) and Triton on CUDA (bit-identical).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from lightning_quant.functional._dispatch import register_kernels
 
 
 def lsq_range(bits: int, narrow: bool = False) -> tuple[int, int]:
@@ -80,37 +85,64 @@ def _check_step_shape(step: Tensor, w: Tensor) -> None:
         raise ValueError(f"`step` must broadcast to the weight's shape {tuple(w.shape)}, got {tuple(step.shape)}.")
 
 
-class _LSQFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> Tensor:
-        # At least float32: a float32 step divided in bf16/fp16 would lose most of its bits.
-        ct = torch.promote_types(torch.promote_types(w.dtype, step.dtype), torch.float32)
-        s = step.detach().to(ct).clamp_min(min_step)
-        v = w.detach().to(ct) / s
-        out = torch.round(torch.clamp(v, -qn, qp)) * s
-        ctx.save_for_backward(v)
-        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
-        ctx.w_dtype, ctx.step_shape, ctx.step_dtype = w.dtype, step.shape, step.dtype
-        return out.to(w.dtype)
+def lsq_forward_reference(
+    w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor]:
+    """The quantized ``w`` (in its dtype) and ``v = w / s`` in the compute dtype (at least float32), in torch ops.
+    (``grad_scale`` is the backward's; an input here so the autograd registration can read it.)"""
+    # At least float32: a float32 step divided in bf16/fp16 would lose most of its bits.
+    ct = torch.promote_types(torch.promote_types(w.dtype, step.dtype), torch.float32)
+    s = step.to(ct).clamp_min(min_step)
+    v = w.to(ct) / s
+    return (torch.round(torch.clamp(v, -qn, qp)) * s).to(w.dtype), v
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
-        (v,) = ctx.saved_tensors
-        qn, qp = ctx.qn, ctx.qp
-        # NaN compares false everywhere, so a NaN weight is in none of the three regions: no gradient at all.
-        inside = (v > -qn) & (v < qp)
-        grad_w = grad_step = None
-        if ctx.needs_input_grad[0]:
-            grad_w = (grad * inside.to(grad.dtype)).to(ctx.w_dtype)
-        if ctx.needs_input_grad[1]:
-            zero = torch.zeros((), dtype=v.dtype, device=v.device)
-            ds = torch.where(inside, torch.round(v) - v, torch.where(v <= -qn, -float(qn), zero))
-            ds = torch.where(v >= qp, float(qp), ds)
-            terms = grad.to(torch.float64) * ds.to(torch.float64)
-            dims = _reduce_dims(ctx.step_shape, v.shape)
-            total = terms.sum(dim=dims, keepdim=True) if dims else terms
-            grad_step = (total * ctx.grad_scale).reshape(ctx.step_shape).to(ctx.step_dtype)
-        return grad_w, grad_step, None, None, None, None
+
+def lsq_backward_reference(
+    grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float
+) -> tuple[Tensor, Tensor]:
+    """The gradients of ``w`` and of the step (summed in float64 over the weights sharing it, times ``grad_scale``)."""
+    # NaN compares false everywhere, so a NaN weight is in none of the three regions: no gradient at all.
+    inside = (v > -qn) & (v < qp)
+    grad_w = grad * inside.to(grad.dtype)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    ds = torch.where(inside, torch.round(v) - v, torch.where(v <= -qn, -float(qn), zero))
+    ds = torch.where(v >= qp, float(qp), ds)
+    terms = grad.to(torch.float64) * ds.to(torch.float64)
+    dims = _reduce_dims(step.shape, v.shape)
+    total = terms.sum(dim=dims, keepdim=True) if dims else terms
+    return grad_w, (total * grad_scale).reshape(step.shape).to(step.dtype)
+
+
+@torch.library.custom_op("lightning_quant::lsq_forward", mutates_args=())
+def lsq_forward(w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> tuple[Tensor, Tensor]:
+    return lsq_forward_reference(w, step, qn, qp, grad_scale, min_step)
+
+
+@torch.library.custom_op("lightning_quant::lsq_backward", mutates_args=())
+def lsq_backward(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> tuple[Tensor, Tensor]:
+    return lsq_backward_reference(grad, v, step, qn, qp, grad_scale)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    _, step, qn, qp, grad_scale, _ = inputs
+    ctx.save_for_backward(output[1], step)
+    ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
+
+
+def _backward(ctx, grad: Tensor, _grad_v: Tensor | None) -> tuple:
+    if grad is None:
+        return None, None, None, None, None, None
+    v, step = ctx.saved_tensors
+    grad_w, grad_step = lsq_backward(grad, v, step, ctx.qn, ctx.qp, ctx.grad_scale)
+    need_w, need_step = ctx.needs_input_grad[:2]
+    return (grad_w if need_w else None), (grad_step if need_step else None), None, None, None, None
+
+
+lsq_forward.register_autograd(_backward, setup_context=_setup_context)
+register_kernels(lsq_forward, "lsq_forward", lsq_forward_reference)
+register_kernels(lsq_backward, "lsq_backward", lsq_backward_reference)
 
 
 def lsq_quantize(
@@ -147,50 +179,81 @@ def lsq_quantize(
         grad_scale = 1.0 / math.sqrt(max(w.numel() // step.numel(), 1) * qp)
     elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
         raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
-    return _LSQFunction.apply(w, step, qn, qp, float(grad_scale), float(min_step))
+    return lsq_forward(w, step, qn, qp, float(grad_scale), float(min_step))[0]
 
 
-class _LSQPlusFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
-    ) -> Tensor:
-        ct = torch.promote_types(torch.promote_types(x.dtype, step.dtype), torch.float32)
-        s = step.detach().to(ct).clamp_min(min_step)
-        u = -offset.detach().to(ct) / s  # the zero point before rounding
-        z = torch.round(u).clamp(0, levels)
-        q = x.detach().to(ct) / s
-        # What QuantizeLinear / DequantizeLinear compute: round, add the integer zero point, saturate, subtract it.
-        out = (torch.clamp(torch.round(q) + z, 0, levels) - z) * s
-        ctx.save_for_backward(q, u, z)
-        ctx.levels, ctx.grad_scale = levels, grad_scale
-        ctx.dtypes = (x.dtype, step.dtype, offset.dtype)
-        return out.to(x.dtype)
+def _zero_point(step: Tensor, offset: Tensor, levels: int, min_step: float, ct: torch.dtype) -> tuple[Tensor, ...]:
+    """The floored step ``s``, ``u = -beta / s`` (the zero point before rounding) and ``z = clamp(round(u), 0, L)``."""
+    s = step.to(ct).clamp_min(min_step)
+    u = -offset.to(ct) / s
+    return s, u, torch.round(u).clamp(0, levels)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
-        q, u, z = ctx.saved_tensors
-        levels = ctx.levels
-        v = q + z  # the code before rounding: LSQ's regions are decided on it; NaN is in none of them
-        inside, low, high = (v > 0) & (v < levels), v <= 0, v >= levels
-        # z moves with beta and s straight through its rounding, not through its clamp to [0, L].
-        z_moves = (torch.round(u) >= 0) & (torch.round(u) <= levels)
-        pulled = (low | high) & z_moves  # saturated outputs (0 - z) s and (L - z) s follow z
-        grad_x = grad_step = grad_offset = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad * inside.to(grad.dtype)).to(ctx.dtypes[0])
-        g64 = grad.to(torch.float64)
-        if ctx.needs_input_grad[1]:
-            zero = torch.zeros((), dtype=q.dtype, device=q.device)
-            ds = torch.where(inside, torch.round(q) - q, zero)
-            ds = ds + torch.where(low, -z, zero) + torch.where(high, levels - z, zero)
-            ds = ds + torch.where(pulled, u, zero)  # dy/dz * dz/ds = (-s) * (-u / s)
-            total = (g64 * ds.to(torch.float64)).sum() * ctx.grad_scale
-            grad_step = total.reshape(1).to(ctx.dtypes[1])
-        if ctx.needs_input_grad[2]:
-            # dy/dz * dz/dbeta = (-s) * (-1 / s) = 1 on the saturated outputs
-            grad_offset = (g64 * pulled.to(torch.float64)).sum().reshape(1).to(ctx.dtypes[2])
-        return grad_x, grad_step, grad_offset, None, None, None
+
+def lsq_plus_forward_reference(
+    x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor]:
+    """The quantized ``x`` (in its dtype) and ``q = x / s`` in the compute dtype (at least float32), in torch ops.
+    (``grad_scale`` is the backward's; an input here so the autograd registration can read it.)"""
+    ct = torch.promote_types(torch.promote_types(x.dtype, step.dtype), torch.float32)
+    s, _, z = _zero_point(step, offset, levels, min_step, ct)
+    q = x.to(ct) / s
+    # What QuantizeLinear / DequantizeLinear compute: round, add the integer zero point, saturate, subtract it.
+    return ((torch.clamp(torch.round(q) + z, 0, levels) - z) * s).to(x.dtype), q
+
+
+def lsq_plus_backward_reference(
+    grad: Tensor, q: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``x``, the step and the offset (:func:`lsq_plus_quantize`'s formulas, sums in float64)."""
+    _, u, z = _zero_point(step, offset, levels, min_step, q.dtype)
+    v = q + z  # the code before rounding: LSQ's regions are decided on it; NaN is in none of them
+    inside, low, high = (v > 0) & (v < levels), v <= 0, v >= levels
+    # z moves with beta and s straight through its rounding, not through its clamp to [0, L].
+    z_moves = (torch.round(u) >= 0) & (torch.round(u) <= levels)
+    pulled = (low | high) & z_moves  # saturated outputs (0 - z) s and (L - z) s follow z
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    ds = torch.where(inside, torch.round(q) - q, zero)
+    ds = ds + torch.where(low, -z, zero) + torch.where(high, levels - z, zero)
+    ds = ds + torch.where(pulled, u, zero)  # dy/dz * dz/ds = (-s) * (-u / s)
+    g64 = grad.to(torch.float64)
+    grad_step = ((g64 * ds.to(torch.float64)).sum() * grad_scale).reshape(step.shape).to(step.dtype)
+    # dy/dz * dz/dbeta = (-s) * (-1 / s) = 1 on the saturated outputs
+    grad_offset = (g64 * pulled.to(torch.float64)).sum().reshape(offset.shape).to(offset.dtype)
+    return grad * inside.to(grad.dtype), grad_step, grad_offset
+
+
+@torch.library.custom_op("lightning_quant::lsq_plus_forward", mutates_args=())
+def lsq_plus_forward(
+    x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor]:
+    return lsq_plus_forward_reference(x, step, offset, levels, grad_scale, min_step)
+
+
+@torch.library.custom_op("lightning_quant::lsq_plus_backward", mutates_args=())
+def lsq_plus_backward(
+    grad: Tensor, q: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return lsq_plus_backward_reference(grad, q, step, offset, levels, grad_scale, min_step)
+
+
+def _plus_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    _, step, offset, *ctx.args = inputs
+    ctx.save_for_backward(output[1], step, offset)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _plus_backward(ctx, grad: Tensor, _grad_q: Tensor | None) -> tuple:
+    if grad is None:
+        return None, None, None, None, None, None
+    q, step, offset = ctx.saved_tensors
+    grads = lsq_plus_backward(grad, q, step, offset, *ctx.args)
+    return (*(g if n else None for g, n in zip(grads, ctx.needs_input_grad)), None, None, None)
+
+
+lsq_plus_forward.register_autograd(_plus_backward, setup_context=_plus_setup_context)
+register_kernels(lsq_plus_forward, "lsq_plus_forward", lsq_plus_forward_reference)
+register_kernels(lsq_plus_backward, "lsq_plus_backward", lsq_plus_backward_reference)
 
 
 def lsq_plus_quantize(
@@ -243,4 +306,4 @@ def lsq_plus_quantize(
         grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * levels)
     elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
         raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
-    return _LSQPlusFunction.apply(x, scale, offset, levels, float(grad_scale), float(min_step))
+    return lsq_plus_forward(x, scale, offset, levels, float(grad_scale), float(min_step))[0]

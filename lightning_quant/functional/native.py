@@ -1,24 +1,14 @@
 """Native CPU kernels (``lightning_quant/csrc/quant_kernels.c``), built on first use and called through ``ctypes``.
 
-The PACT activation, the DoReFa weight quantizer and DSQ (the activation it replaces folded in) run, on CPU float32
-tensors, through a small C file with OpenMP: one pass over memory each way, no temporaries, no per-op dispatch. The
-C source includes no torch headers, so the system C compiler builds it in about a second; the shared library is
-cached under ``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and
-this CPU's flags (it is built with ``-march=native``), so later processes load it at once.
-
-PACT and DoReFa values are the eager torch code's, bit for bit (``tests/test_native.py``): the C code does the same
-float32 operations in the same order, built without fused multiply-add or fast-math. Reductions accumulate in
-float64 in both (another summation order changes a float64 sum in its last bits, which almost never reach the float32
-result). DSQ's forward is exact too; its backward evaluates tanh with its own vectorized formula, so its gradients
-agree with the torch path to float32 rounding.
-
-The library links the OpenMP runtime by its soname, ``libgomp.so.1``, the one torch has already loaded: one thread
-pool, sized per call by ``torch.get_num_threads()``.
-
-Whether these kernels run follows :mod:`lightning_quant.functional.fused`'s switch: ``"on"`` and ``"auto"`` use
-them where they apply (CPU, float32, contiguous), ``"off"`` never does. If no C compiler is found or the build
-fails, :func:`library` warns once and returns None, and the quantizers use the torch kernels (same values).
-Set ``LIGHTNING_QUANT_NATIVE=0`` to never build or use them.
+On CPU float32 the PACT activation, the DoReFa weight quantizer and DSQ (the activation it replaces folded in) run a
+small C file with OpenMP: one pass over memory each way, no temporaries, no per-op dispatch. It includes no torch
+headers, so the system C compiler builds it in about a second; the library is cached under
+``$LIGHTNING_QUANT_CACHE`` (default ``~/.cache/lightning_quant``), keyed by the source, the compiler and this CPU's
+flags (``-march=native``). It links ``libgomp.so.1``, the OpenMP runtime torch has loaded, sized per call by
+``torch.get_num_threads()``. The values are the torch reference's float32 operations in its order (no fused
+multiply-add, no fast-math; sums in float64), bit for bit, except DSQ's backward (its own vectorized tanh: float32
+rounding). The kernels run inside the custom ops, so tracers never see the ctypes calls. Without a C compiler
+:func:`library` warns once and returns None, and the ops run their torch reference.
 """
 
 from __future__ import annotations
@@ -37,9 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_quant.functional import fused
-
-__all__ = ["SOURCE", "applies", "build_error", "is_enabled", "library", "set_enabled", "threads", "to_float32"]
+__all__ = ["SOURCE", "applies", "build_error", "library", "threads", "to_float32"]
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.c"
 # No fused multiply-add and no fast-math: every value stays the eager one. -fno-trapping-math (FP exceptions are never
@@ -57,42 +45,18 @@ FLAGS = (
 )
 
 _lock = threading.Lock()
-_enabled = True
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
 
+_P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  # pointer, count, float, int
 _SIGNATURES = {
-    "lq_pact_forward_f32": (
-        None,
-        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int],
-    ),
-    "lq_pact_backward_f32": (
-        ctypes.c_double,
-        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int],
-    ),
-    "lq_dorefa_forward_f32": (
-        None,
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int],
-    ),
-    "lq_dorefa_backward_f32": (
-        None,
-        [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_int],
-    ),
-    "lq_dsq_forward_f32": (
-        None,
-        [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int] * 3,
-    ),
-    "lq_dsq_backward_f32": (
-        None,
-        [ctypes.c_void_p] * 4
-        + [ctypes.c_int64]
-        + [ctypes.c_float] * 3
-        + [ctypes.c_int]
-        + [ctypes.c_float] * 2
-        + [ctypes.c_int] * 3
-        + [ctypes.c_float, ctypes.c_int],
-    ),
+    "lq_pact_forward_f32": (None, [_P, _P, _P, _N, _F, _F, _F, _I]),
+    "lq_pact_backward_f32": (ctypes.c_double, [_P, _P, _P, _N, _I]),
+    "lq_dorefa_forward_f32": (None, [_P, _P, _P, _P, _N, _F, _F, _I]),
+    "lq_dorefa_backward_f32": (None, [_P, _P, _P, _N, _F, _F, _F, _F, _I]),
+    "lq_dsq_forward_f32": (None, [_P, _P, _N, _F, _F, _F, _I, _I, _I]),
+    "lq_dsq_backward_f32": (None, [_P, _P, _P, _P, _N, _F, _F, _F, _I, _F, _F, _I, _I, _I, _F, _I]),
 }
 
 
@@ -156,8 +120,6 @@ def library() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         try:
-            if os.environ.get("LIGHTNING_QUANT_NATIVE", "1").strip().lower() in ("0", "off", "false"):
-                raise RuntimeError("disabled by LIGHTNING_QUANT_NATIVE=0")
             compiler = _compiler()
             if compiler is None:
                 raise RuntimeError("no C compiler found (set CC)")
@@ -169,26 +131,14 @@ def library() -> ctypes.CDLL | None:
             _lib = lib
         except Exception as error:  # noqa: BLE001 - any failure means: use the torch kernels
             _error = f"{type(error).__name__}: {error}"
-            if "LIGHTNING_QUANT_NATIVE" not in _error:
-                warnings.warn(
-                    f"lightning_quant: the native CPU kernels are unavailable ({_error}); the quantizers use torch "
-                    "kernels instead (same values, slower). Install a C compiler with OpenMP (gcc) to get them.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            warnings.warn(
+                f"lightning_quant: the native CPU kernels are unavailable ({_error}); the quantizers use torch "
+                "kernels instead (same values, slower). Install a C compiler with OpenMP (gcc) to get them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         _tried = True
     return _lib
-
-
-def set_enabled(enabled: bool) -> None:
-    """Use the native kernels where they apply (True, the default) or never (False: torch kernels only)."""
-    global _enabled
-    _enabled = bool(enabled)
-
-
-def is_enabled() -> bool:
-    """Whether the native kernels may be used (see :func:`set_enabled`)."""
-    return _enabled
 
 
 def build_error() -> str | None:
@@ -197,10 +147,8 @@ def build_error() -> str | None:
 
 
 def applies(*tensors: Tensor) -> ctypes.CDLL | None:
-    """The library if these tensors can take the native kernels now: the switch is not ``"off"``, no compiler is
-    tracing, and every tensor is a non-empty contiguous CPU float32 (or int8 code) tensor. Else None."""
-    if not _enabled or fused.get_compiled() == "off" or torch.compiler.is_compiling():
-        return None
+    """The library if these tensors can take the native kernels: every one is a non-empty contiguous CPU float32 (or
+    int8 code) tensor, and the library loads. Else None."""
     for t in tensors:
         if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int8) or not t.is_contiguous():
             return None

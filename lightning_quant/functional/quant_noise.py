@@ -28,26 +28,41 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_quant.functional import fused
+from lightning_quant.functional.checks import check_bits
 
-__all__ = ["block_noise", "block_shape", "fake_quantize_affine", "scalar_noise"]
+__all__ = ["block_noise", "block_shape", "check_block_size", "check_rate", "fake_quantize_affine", "scalar_noise"]
 
-
-def _check_bits(bits: object) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"`bits` must be an int in 1..16, got {bits!r}.")
-    return bits
+# No custom ops here: the work is torch's own ops (min/max, rand, where, masked_fill), which every tracer and compiler
+# already handles and fuses with their neighbours; an opaque op would only hide them. The straight-through gradient is
+# an autograd function returning the quantized values themselves (no ``w + (q - w).detach()`` rounding noise).
 
 
-def _check_rate(p: float | Tensor) -> None:
-    # A tensor rate is the module's buffer, read inside a (possibly compiled) forward: checking its value would need
-    # a device sync, so tensors are validated where they are set (`QuantNoiseWeight.set_p`), numbers here.
-    if isinstance(p, Tensor):
+def check_rate(p: object, block: bool = False, allow_tensor: bool = True) -> float | Tensor:
+    """Check a noise rate: a number in [0, 1] (in [0, 1) with ``block``), or, with ``allow_tensor``, a 0-d tensor
+    (not value-checked: a module's buffer read inside a possibly compiled forward; checking it would sync the device).
+
+    Raises:
+        ValueError: If ``p`` is not allowed; the message names it.
+    """
+    if isinstance(p, Tensor) and allow_tensor:
         if p.dim() != 0:
             raise ValueError(f"`p` must be a number or a 0-d tensor, got a tensor of shape {tuple(p.shape)}.")
-        return
+        return p
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p <= 1.0):
         raise ValueError(f"`p` must be a number in [0, 1], got {p!r}.")
+    if block and p == 1.0:
+        # Dropping every block zeroes the weight: the layer would train on its bias alone.
+        raise ValueError(
+            "`p` must be in [0, 1) for mode='block', got 1.0: p = 1 drops every block and the layer's weight "
+            "would be all zeros."
+        )
+    return float(p)
+
+
+def check_block_size(block_size: object) -> None:
+    """Raise a ``ValueError`` unless ``block_size`` is an int >= 1."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"`block_size` must be an int >= 1, got {block_size!r}.")
 
 
 def _affine_fake_quantize_values(w: Tensor, bits: int) -> Tensor:
@@ -66,73 +81,26 @@ def _affine_fake_quantize_values(w: Tensor, bits: int) -> Tensor:
     return torch.where(degenerate, w, (q - zero_point) * scale)
 
 
-def _scalar_noise_values(w: Tensor, uniform: Tensor, p: Tensor, bits: int) -> Tensor:
-    # `uniform < p` here rather than in the caller: the comparison fuses into the same pass.
-    return torch.where(uniform < p, _affine_fake_quantize_values(w, bits), w)
-
-
-def _block_noise_values(w: Tensor, dropped: Tensor, p: Tensor) -> Tensor:
-    # p == 1 drops every block; dividing by 1 instead of 0 keeps the result the zero tensor rather than 0/0 = NaN.
-    keep = 1.0 - p
-    keep = torch.where(keep > 0, keep, torch.ones_like(keep))
-    return w.masked_fill(dropped, 0.0) / keep
-
-
-# Eager or compiled, with bit-identical results (functional/fused.py): min/max reductions are exact in any order, and
-# the rest is elementwise arithmetic.
-_fake_quantize_kernel = fused.FusedKernel("quant_noise_fake_quantize", _affine_fake_quantize_values)
-_scalar_noise_kernel = fused.FusedKernel("quant_noise_scalar", _scalar_noise_values)
-_block_noise_kernel = fused.FusedKernel("quant_noise_block", _block_noise_values)
-
-
-class _FakeQuantizeAffineSTE(torch.autograd.Function):
-    """Returns the fake-quantized tensor itself (exact levels) with an identity backward."""
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``values`` (computed from ``w`` without autograd) as they are, with the identity gradient to ``w``."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, bits: int) -> Tensor:
-        if fused.fusable(w):
-            return _fake_quantize_kernel(w.view(-1), bits).view(w.shape)
-        return _affine_fake_quantize_values(w, bits)
+    def forward(ctx: Any, w: Tensor, values: Tensor) -> Tensor:
+        return values
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
-class _ScalarNoiseSTE(torch.autograd.Function):
-    """``where(uniform < p, fake_quantize(w), w)`` with an identity backward; nothing is saved for backward."""
-
-    @staticmethod
-    def forward(ctx: Any, w: Tensor, uniform: Tensor, p: Tensor, bits: int) -> Tensor:
-        if fused.fusable(w, uniform):
-            return _scalar_noise_kernel(w.view(-1), uniform.view(-1), p, bits).view(w.shape)
-        return _scalar_noise_values(w, uniform, p, bits)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        return grad, None, None, None
-
-
-class _BlockNoiseSTE(torch.autograd.Function):
-    """``w`` with dropped entries zeroed and kept entries divided by ``1 - p``, with an identity backward."""
-
-    @staticmethod
-    def forward(ctx: Any, w: Tensor, dropped: Tensor, p: Tensor) -> Tensor:
-        # `dropped` has the block shape (out, blocks) of `block_shape`; each block is a run of consecutive entries.
-        if fused.fusable(w):
-            # One kernel for every layer type: the weight as (out, blocks, entries per block).
-            blocks = w.view(dropped.shape[0], dropped.shape[1], -1)
-            return _block_noise_kernel(blocks, dropped.unsqueeze(-1), p).view(w.shape)
-        if dropped.shape[1] != w.shape[1]:
-            # Blocks of consecutive input features: repeat each draw `block_size` times along dim 1.
-            dropped = dropped.repeat_interleave(w.shape[1] // dropped.shape[1], dim=1)
-        # Broadcast over the kernel dimensions (whole kernels, or the single element of a 1x1 kernel).
-        dropped = dropped.reshape(dropped.shape + (1,) * (w.dim() - 2)).expand(w.shape)
-        return _block_noise_values(w, dropped, p)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
+def _block_noise_values(w: Tensor, dropped: Tensor, p: Tensor) -> Tensor:
+    # `dropped` has the block shape (out, blocks) of `block_shape`; each block is a run of consecutive entries, so
+    # the weight is viewed as (out, blocks, entries per block) for every layer type.
+    blocks = w.reshape(dropped.shape[0], dropped.shape[1], -1)
+    # p == 1 drops every block; dividing by 1 instead of 0 keeps the result the zero tensor rather than 0/0 = NaN.
+    keep = 1.0 - p
+    keep = torch.where(keep > 0, keep, torch.ones_like(keep))
+    return (blocks.masked_fill(dropped.unsqueeze(-1), 0.0) / keep).view(w.shape)
 
 
 def fake_quantize_affine(w: Tensor, bits: int) -> Tensor:
@@ -163,10 +131,12 @@ def fake_quantize_affine(w: Tensor, bits: int) -> Tensor:
     Raises:
         ValueError: If ``bits`` is not an int in 1..16.
     """
-    _check_bits(bits)
+    check_bits(bits, "bits")
     if w.numel() == 0:
         return w.clone()
-    return _FakeQuantizeAffineSTE.apply(w, bits)
+    with torch.no_grad():
+        values = _affine_fake_quantize_values(w, bits)
+    return _StraightThrough.apply(w, values)
 
 
 def scalar_noise(w: Tensor, p: float | Tensor, bits: int, generator: torch.Generator | None = None) -> Tensor:
@@ -190,15 +160,17 @@ def scalar_noise(w: Tensor, p: float | Tensor, bits: int, generator: torch.Gener
     Raises:
         ValueError: If ``bits`` is not an int in 1..16, or ``p`` is a number outside [0, 1].
     """
-    _check_bits(bits)
-    _check_rate(p)
+    check_bits(bits, "bits")
+    check_rate(p)
     if w.numel() == 0:
         return w.clone()
     # Uniform draws lie in [0, 1): `< 0` never holds and `< 1` always does, so p = 0 and p = 1 are exact.
     uniform = torch.rand(w.shape, generator=generator, device=w.device)
     # A number is compared in the draws' dtype, as `uniform < p` does; as a tensor it never recompiles a kernel.
     rate = p if isinstance(p, Tensor) else torch.tensor(p, dtype=uniform.dtype)
-    return _ScalarNoiseSTE.apply(w, uniform, rate, bits)
+    with torch.no_grad():
+        values = torch.where(uniform < rate, _affine_fake_quantize_values(w, bits), w)
+    return _StraightThrough.apply(w, values)
 
 
 def block_shape(shape: torch.Size | tuple[int, ...], block_size: int, name: str | None = None) -> tuple[int, ...]:
@@ -225,8 +197,7 @@ def block_shape(shape: torch.Size | tuple[int, ...], block_size: int, name: str 
         ValueError: If ``block_size`` is not an int >= 1, the weight has fewer than 2 dimensions, or ``block_size``
             does not divide the number of input features (the message names the layer when ``name`` is given).
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"`block_size` must be an int >= 1, got {block_size!r}.")
+    check_block_size(block_size)
     where = f"layer {name!r}" if name is not None else "the weight"
     shape = tuple(shape)
     if len(shape) < 2:
@@ -273,10 +244,12 @@ def block_noise(
         ValueError: If ``p`` is a number outside [0, 1], or ``block_size`` is invalid for ``w`` (see
             :func:`block_shape`).
     """
-    _check_rate(p)
+    check_rate(p)
     mask_shape = block_shape(w.shape, block_size, name)
     if w.numel() == 0:
         return w.clone()
     p_tensor = torch.as_tensor(p, dtype=w.dtype, device=w.device)
     dropped = torch.rand(mask_shape, generator=generator, device=w.device) < p_tensor
-    return _BlockNoiseSTE.apply(w, dropped, p_tensor)
+    with torch.no_grad():
+        values = _block_noise_values(w, dropped, p_tensor)
+    return _StraightThrough.apply(w, values)

@@ -30,26 +30,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.functional.quant_noise import block_noise, block_shape, fake_quantize_affine, scalar_noise
+from lightning_quant.functional.quant_noise import (
+    block_noise,
+    block_shape,
+    check_block_size,
+    check_rate,
+    fake_quantize_affine,
+    scalar_noise,
+)
 from lightning_quant.quantizers.base import WeightQuantizer, check_bits
 
 __all__ = ["QuantNoiseWeight"]
 
 _MODES = ("scalar", "block")
-
-
-def _check_rate(value: object, mode: str) -> float:
-    """Validate a rate for ``mode`` and return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`p` must be a number in [0, 1], got {value!r}.")
-    if mode == "block" and value == 1.0:
-        # Dropping every block zeroes the weight: the layer would train on its bias alone. Refuse it here (where
-        # `p` is still a Python number) rather than let a schedule silently switch the layer off.
-        raise ValueError(
-            "`p` must be in [0, 1) for mode='block', got 1.0: p = 1 drops every block and the layer's weight "
-            "would be all zeros."
-        )
-    return float(value)
 
 
 class QuantNoiseWeight(WeightQuantizer):
@@ -80,9 +73,8 @@ class QuantNoiseWeight(WeightQuantizer):
         check_bits(bits, "bits")
         if mode not in _MODES:
             raise ValueError(f"`mode` must be one of {list(_MODES)}, got {mode!r}.")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"`block_size` must be an int >= 1, got {block_size!r}.")
-        rate = _check_rate(p, mode)
+        check_block_size(block_size)
+        rate = check_rate(p, block=mode == "block", allow_tensor=False)
         self.bits = bits
         self.mode = mode
         self.block_size = block_size
@@ -98,7 +90,7 @@ class QuantNoiseWeight(WeightQuantizer):
         Raises:
             ValueError: If ``value`` is not allowed for this mode.
         """
-        rate = _check_rate(value, self.mode)
+        rate = check_rate(value, block=self.mode == "block", allow_tensor=False)
         with torch.no_grad():
             self.p.fill_(rate)
 
