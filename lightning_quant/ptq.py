@@ -17,9 +17,9 @@ back; the 4 it kept were W8A4 runs at the two lower rates (+0.3 to +0.5 each, +0
 BatchNorm kept, 20 steps at 0.01 help (+0.5 at W4A4). So the default fits gently, 10 steps at 0.003: the FP32 teacher
 is used, as the PACT paper's post-training method asks, a fit that raises the calibration MSE is undone (so the
 default is never worse on that loss than calibration alone), and a run stays under one epoch of QAT fine-tuning
-(0.79x on the benchmark). ``steps=0`` gives calibration and re-estimation alone. The fitting loss is the final output's MSE: a per-layer loss
-(every quantized layer's output matched to the teacher's at once, normalised by its variance; BRECQ-like, though
-not one block at a time) scored lower (-0.8 points at W8A4, -0.1 at W4A4, BatchNorm kept).
+(0.62x on the benchmark). ``steps=0`` gives calibration and re-estimation alone. The fitting loss is the final
+output's MSE: a per-layer loss (every quantized layer's output matched to the teacher's at once, normalised by its
+variance; BRECQ-like, though not one block at a time) scored lower (-0.8 points at W8A4, -0.1 at W4A4, BatchNorm kept).
 """
 
 from __future__ import annotations
