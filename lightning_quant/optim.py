@@ -50,6 +50,7 @@ def add_quantizer_group(
     weight_decay: float,
     name: str = GROUP_NAME,
     reference: Iterable[nn.Parameter] = (),
+    lr_scale: float = 1.0,
 ) -> tuple[int, int, int]:
     """Move ``params`` out of whatever groups hold them into one new group of the optimizer that held them.
 
@@ -61,6 +62,7 @@ def add_quantizer_group(
         weight_decay: Weight decay of the new group (the L2 penalty on PACT's alpha).
         name: The new group's ``name``.
         reference: Parameters whose group gives the lr when ``lr`` is None.
+        lr_scale: With ``lr=None``, the new group's lr is that group's lr times this.
 
     Returns:
         ``(optimizer index, new group index, index of the group the parameters came from)``; the last is 0 when
@@ -88,7 +90,7 @@ def add_quantizer_group(
     if any(ref_counts):
         source = max(range(len(ref_counts)), key=ref_counts.__getitem__)
     if lr is None:
-        lr = float(optimizer.param_groups[source].get("initial_lr", optimizer.param_groups[source]["lr"]))
+        lr = float(optimizer.param_groups[source].get("initial_lr", optimizer.param_groups[source]["lr"])) * lr_scale
     for group in optimizer.param_groups:
         group["params"] = [p for p in group["params"] if id(p) not in ids]
     # Every other hyper-parameter (betas, momentum, eps...) comes from the optimizer's defaults.
@@ -114,20 +116,20 @@ def _peak_lr(scheduler: LRScheduler, source: int, ref: dict) -> float:
 _NOT_PER_GROUP = ("_schedulers", "_milestones", "milestones", "_schedule_phases")
 
 
-def extend_scheduler(scheduler: object, source: int, lr: float | None) -> None:
+def extend_scheduler(scheduler: object, source: int, lr: float | None, lr_scale: float = 1.0) -> None:
     """Give ``scheduler`` an entry for the group just appended to its optimizer, following group ``source``.
 
     Every per-group value is the source group's, scaled by ``lr / source peak lr``: the new group follows the user's
     schedule in proportion and peaks at ``lr`` where the source group peaks (``max_lr`` under OneCycleLR and
     CyclicLR, the base lr under the others; ReduceLROnPlateau starts from it). ``lr=None``: the new group mirrors
-    group ``source`` exactly.
+    group ``source`` exactly, times ``lr_scale``.
 
     Raises:
         TypeError: If the scheduler keeps per-group state this function does not know.
     """
     if isinstance(scheduler, (SequentialLR, ChainedScheduler)):
         for inner in scheduler._schedulers:
-            extend_scheduler(inner, source, lr)
+            extend_scheduler(inner, source, lr, lr_scale)
         if hasattr(scheduler, "_last_lr"):
             scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
         return
@@ -136,7 +138,7 @@ def extend_scheduler(scheduler: object, source: int, lr: float | None) -> None:
     ref = optimizer.param_groups[source]
     n_old = len(optimizer.param_groups) - 1
     if isinstance(scheduler, ReduceLROnPlateau):
-        r = 1.0 if lr is None else _ratio(float(ref.get("initial_lr", ref["lr"])), lr)
+        r = lr_scale if lr is None else _ratio(float(ref.get("initial_lr", ref["lr"])), lr)
         if len(scheduler.min_lrs) == n_old:
             scheduler.min_lrs.append(scheduler.min_lrs[source] * r)
         new["lr"] = float(ref["lr"]) * r
@@ -144,7 +146,7 @@ def extend_scheduler(scheduler: object, source: int, lr: float | None) -> None:
         return
     if not isinstance(scheduler, LRScheduler):
         raise TypeError(f"lightning_quant does not know how to extend the LR scheduler {type(scheduler).__name__}.")
-    r = 1.0 if lr is None else _ratio(_peak_lr(scheduler, source, ref), lr)
+    r = lr_scale if lr is None else _ratio(_peak_lr(scheduler, source, ref), lr)
     scheduler.base_lrs.append(scheduler.base_lrs[source] * r)
     new["initial_lr"] = float(ref.get("initial_lr", scheduler.base_lrs[source])) * r
     if isinstance(scheduler, (LambdaLR, MultiplicativeLR)):

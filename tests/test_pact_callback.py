@@ -16,7 +16,9 @@ from torch import nn
 
 import lightning_quant
 from lightning_quant import PACTCallback, load_from_checkpoint
+from lightning_quant.demos import DemoCNN, DigitsDataModule
 from lightning_quant.optim import GROUP_NAME, WEIGHT_GROUP_NAME
+from lightning_quant.quantizers.lsq import LSQWeight
 from lightning_quant.quantizers.pact import PACTActivation
 from lightning_quant.surgery import RECIPE_KEY, decode_recipe
 
@@ -374,3 +376,45 @@ def test_compile_quantizers_is_deprecated_and_ignored():
     with pytest.warns(DeprecationWarning, match=r"`compile_quantizers` is deprecated and ignored"):
         cb = PACTCallback(compile_quantizers=False)
     assert not hasattr(cb, "compile_quantizers")
+
+
+def _lsq_steps(model: nn.Module) -> dict[str, float]:
+    return {n: float(m.step.min()) for n, m in model.named_modules() if isinstance(m, LSQWeight)}
+
+
+def _digits_cnn_steps(tmp_path, callback: PACTCallback) -> tuple[dict[str, float], L.Trainer, nn.Module]:
+    """DemoCNN trained from scratch on digits for 8 epochs at Adam lr 1e-3 (the accuracy benchmark's scratch row)."""
+    L.seed_everything(0, verbose=False)
+    model = DemoCNN(in_channels=1, num_classes=10, input_size=8, lr=1e-3)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=8)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64, seed=0))
+    return _lsq_steps(model), trainer, model
+
+
+def test_eight_bit_steps_get_a_scaled_group_and_stay_positive_under_adam(tmp_path):
+    # An 8-bit step is about max|w| / 127 ~ 0.003; Adam moves it by about its lr per update, so at the weights' lr
+    # of 1e-3 it is driven through zero and every weight quantizes to nothing (the run ends at chance).
+    at_weights_lr, _, _ = _digits_cnn_steps(tmp_path, PACTCallback(8, 8, weight_quantizer_lr=1e-3, verbose=False))
+    assert min(at_weights_lr.values()) <= 0, "the failure the scale prevents did not show at the weights' lr"
+    steps, trainer, model = _digits_cnn_steps(tmp_path, PACTCallback(8, 8, verbose=False))
+    assert min(steps.values()) > 0
+    groups = {g.get("name"): g for g in trainer.optimizers[0].param_groups}
+    scaled = groups[f"{WEIGHT_GROUP_NAME}.x{7 / 127:.4g}"]
+    assert scaled["lr"] == pytest.approx(1e-3 * 7 / 127)
+    expected = {id(layer.weight_quantizer.step) for layer in (model.conv2, model.conv3, model.fc1)}
+    assert {id(p) for p in scaled["params"]} == expected
+    assert WEIGHT_GROUP_NAME not in groups  # no step is at 4 bits or below: that group is not created
+
+
+def test_mixed_widths_put_each_step_in_its_own_scaled_group(tmp_path):
+    model = MLPNet()
+    trainer = make_trainer(tmp_path, [PACTCallback(4, 4, first_last="8bit")], max_epochs=1)
+    trainer.fit(model)
+    groups = {g.get("name"): g for g in trainer.optimizers[0].param_groups}
+    assert [id(p) for p in groups[WEIGHT_GROUP_NAME]["params"]] == [id(model.fc2.weight_quantizer.step)]
+    assert groups[WEIGHT_GROUP_NAME]["lr"] == pytest.approx(1e-2)  # 4 bits: the weights' lr, as in LSQ
+    eight = groups[f"{WEIGHT_GROUP_NAME}.x{7 / 127:.4g}"]
+    assert {id(p) for p in eight["params"]} == {
+        id(model.fc1.weight_quantizer.step),
+        id(model.fc3.weight_quantizer.step),
+    }

@@ -64,6 +64,7 @@ class QuantizerGroup:
             ``reference``, following that group's schedule exactly.
         weight_decay: Its weight decay.
         reference: Parameters whose group sets the lr when ``lr`` is None.
+        lr_scale: With ``lr=None``: the group's lr is the reference group's times this, following its schedule.
     """
 
     name: str
@@ -71,6 +72,7 @@ class QuantizerGroup:
     lr: float | None
     weight_decay: float = 0.0
     reference: list[nn.Parameter] = field(default_factory=list)
+    lr_scale: float = 1.0
 
 
 #: Allowed values of ``schedule_by``: what "training progress" counts.
@@ -348,12 +350,12 @@ class QuantizationCallback(Callback):
             if existing is not None:  # the user returned an optimizer this callback already extended
                 return i, existing, constant
         opt_index, group_index, source = add_quantizer_group(
-            trainer.optimizers, group.params, group.lr, group.weight_decay, group.name, group.reference
+            trainer.optimizers, group.params, group.lr, group.weight_decay, group.name, group.reference, group.lr_scale
         )
         optimizer = trainer.optimizers[opt_index]
         for config in trainer.lr_scheduler_configs:
             if getattr(config.scheduler, "optimizer", None) is optimizer:
-                extend_scheduler(config.scheduler, source, group.lr)
+                extend_scheduler(config.scheduler, source, group.lr, group.lr_scale)
         if constant is not None:
             set_group_lr(optimizer, group_index, constant)
         return opt_index, group_index, constant
