@@ -11,7 +11,7 @@ they were) in three steps:
 2. **Trace.** Each quantizer in the copy is swapped for an export module whose forward is one marker op
    (``lightning_quant::QDQ``, an autograd Function with an ONNX ``symbolic``), and the copy is traced by torch's
    TorchScript exporter at opset 20. The markers keep the exporter from folding BatchNorm into quantized weights and
-   from running the native C kernels (whose ctypes writes the tracer can not see). For that export only, the
+   stand for the quantizers' custom ops, which it has no ONNX rules for. For that export only, the
    exporter gets rules for ``aten::diff`` and for ``cumsum`` of a bool (transformers' mask code), and the copy's
    forward takes the given inputs only (the exporter would make graph inputs of the other parameters' defaults).
 3. **Rewrite.** With the ``onnx`` package every marker becomes ``[Clip] [Sub] QuantizeLinear DequantizeLinear [Add]``
