@@ -653,8 +653,13 @@ def _swap_weight(config: QuantConfig, name: str, layer: nn.Module, edges: _Edges
     return PlanEntry(name, "weight", bits, 1, type(weight_quantizer).__name__, reason)
 
 
-def _swap_all(model: nn.Module, config: QuantConfig, slots: list, edges: _Edges) -> QuantizationPlan:
-    """Swap every activation slot and weight layer the recipe covers, in slot order; the plan of what was done."""
+def _swap_all(
+    model: nn.Module, config: QuantConfig, slots: list, sites_of: dict[str, int], edges: _Edges
+) -> QuantizationPlan:
+    """Swap every activation slot and weight layer the recipe covers, in slot order; the plan of what was done.
+
+    ``sites_of`` maps each activation slot to its call-site count (read once from the parents' source).
+    """
     trainable = _trainability(model)  # read before the swap adds quantizers (trainable by default)
     plan = QuantizationPlan(order=edges.order, warnings=list(edges.warnings))
     twins: dict[int, PlanEntry] = {}
@@ -667,7 +672,7 @@ def _swap_all(model: nn.Module, config: QuantConfig, slots: list, edges: _Edges)
             if _skipped(name, config.skip):
                 plan.entries.append(PlanEntry(name, "activation", None, reason="skip"))
                 continue
-            sites = _activation_sites(parent, attr)
+            sites = sites_of[name]
             entry = _swap_activation(config, slot, sites, edges, _caller_trainable(name, trainable))
             if entry.bits is not None and sites > 1:
                 reset_hooks.setdefault(id(parent), (parent, []))[1].append(attr)
@@ -752,7 +757,7 @@ def inject_quantizers(
         if type(child) in config.activation_types and not isinstance(parent, ActivationQuantizer)
     ]
     edges = _find_edges(model, slots, activation_slots, weight_names, example_input)
-    plan = _swap_all(model, config, slots, edges)
+    plan = _swap_all(model, config, slots, dict(activation_slots), edges)
     if config.act_bits is not None and config.quantize_inputs and config.make_input(config.act_bits) is not None:
         edge_bits = {
             name: _policy_bits(config, config.act_bits, edge)
