@@ -20,7 +20,21 @@ def toy_data(n: int = 96, features: int = 8, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class ToyNet(L.LightningModule):
+class _Classifier(L.LightningModule):
+    """Cross-entropy training and validation steps, logging ``train_loss`` (per epoch) and ``val_loss``."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+class ToyNet(_Classifier):
     """``backbone`` (Linear, ReLU, Linear), then ``self.relu``, then ``head`` (Linear): two activation sites (one in
     the backbone, one outside it) and three weight layers.
 
@@ -43,16 +57,6 @@ class ToyNet(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.relu(self.backbone(x)))
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
     def configure_optimizers(self):
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
@@ -63,7 +67,7 @@ class ToyNet(L.LightningModule):
         return DataLoader(toy_data(32, seed=1), batch_size=16)
 
 
-class MLPNet(L.LightningModule):
+class MLPNet(_Classifier):
     """``fc1, relu1, fc2, relu2, fc3`` (Linear layers with ``nn.ReLU`` modules): two activation sites and three weight
     layers, the model most callback tests use.
 
@@ -88,16 +92,6 @@ class MLPNet(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
 
     def configure_optimizers(self):
         if self.hparams.optimizer == "sgd":
