@@ -283,3 +283,15 @@ def test_calibrator_sample_bounds_the_search_and_stays_close():
     assert sampled != full and abs(sampled - full) < 0.03 * full
     with pytest.raises(ValueError, match=r"`max_samples` must be None or an int >= 1, got 0"):
         ActivationCalibrator(PACTActivation(3, calibrated=False), max_samples=0)
+
+
+def test_progress_lines_printed_and_logged(capsys, caplog):
+    caplog.set_level("INFO", logger="lightning_quant.ptq")
+    loader = DataLoader(inputs(), batch_size=16)
+    post_training_quantize(trained_model(), CONFIG, loader, steps=4, log_every=2, calibration_batches=2, progress=True)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("post-training quantization")]
+    assert any("clips calibrated on 2 batches" in line for line in printed)
+    assert any("step 2/4" in line for line in printed) and any("step 4/4" in line for line in printed)
+    assert [r.getMessage() for r in caplog.records if r.name == "lightning_quant.ptq"] == printed
+    post_training_quantize(trained_model(), CONFIG, loader, steps=4, calibration_batches=2)  # progress=False
+    assert "post-training quantization" not in capsys.readouterr().out
