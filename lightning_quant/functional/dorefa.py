@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_quant.functional import native
-from lightning_quant.functional._dispatch import register_kernels
+from lightning_quant.functional._dispatch import define_op, register_autograd
 
 
 def dorefa_forward_reference(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -42,8 +42,7 @@ def dorefa_backward_reference(grad: Tensor, t: Tensor, m: Tensor, d: Tensor, lev
     return g_r / d + torch.where(t.abs() == m, share, torch.zeros_like(share)) * torch.sgn(t)
 
 
-@torch.library.custom_op("lightning_quant::dorefa_forward", mutates_args=())
-def dorefa_forward(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+def _dorefa_forward_cpu(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
     lib = native.applies(t)
     if lib is None:
         return dorefa_forward_reference(t, levels)
@@ -55,8 +54,7 @@ def dorefa_forward(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
     return out, m, d
 
 
-@torch.library.custom_op("lightning_quant::dorefa_backward", mutates_args=())
-def dorefa_backward(grad: Tensor, t: Tensor, m: Tensor, d: Tensor, levels: int) -> Tensor:
+def _dorefa_backward_cpu(grad: Tensor, t: Tensor, m: Tensor, d: Tensor, levels: int) -> Tensor:
     lib = native.applies(t) if grad.dtype == torch.float32 else None
     if lib is None:
         return dorefa_backward_reference(grad, t, m, d, levels)
@@ -85,9 +83,9 @@ def _backward(ctx, grad: Tensor, _grad_m: Tensor | None, _grad_d: Tensor | None)
     return dorefa_backward(grad, t, m, d, ctx.levels), None
 
 
-dorefa_forward.register_autograd(_backward, setup_context=_setup_context)
-register_kernels(dorefa_forward, "dorefa_forward", dorefa_forward_reference)
-register_kernels(dorefa_backward, "dorefa_backward", dorefa_backward_reference)
+dorefa_forward = define_op("dorefa_forward", dorefa_forward_reference, cpu=_dorefa_forward_cpu)
+dorefa_backward = define_op("dorefa_backward", dorefa_backward_reference, cpu=_dorefa_backward_cpu)
+register_autograd(dorefa_forward, _setup_context, _backward)
 
 
 def dorefa_quantize_weight(w: Tensor, bits: int) -> Tensor:

@@ -76,7 +76,7 @@ import torch
 from torch import Tensor
 
 from lightning_quant.functional import native
-from lightning_quant.functional._dispatch import register_kernels
+from lightning_quant.functional._dispatch import define_op, register_autograd
 from lightning_quant.functional.checks import check_bits
 
 __all__ = [
@@ -281,8 +281,7 @@ def _native_scalars(
     )
 
 
-@torch.library.custom_op("lightning_quant::dsq_forward", mutates_args=())
-def dsq_forward(
+def _dsq_forward_cpu(
     x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float, activation: int
 ) -> Tensor:
     s = _native_scalars(x, lower, upper, alpha, bits, min_width)
@@ -295,8 +294,7 @@ def dsq_forward(
     return q
 
 
-@torch.library.custom_op("lightning_quant::dsq_backward", mutates_args=())
-def dsq_backward(
+def _dsq_backward_cpu(
     grad: Tensor,
     x: Tensor,
     lower: Tensor,
@@ -340,9 +338,9 @@ def _backward(ctx, grad: Tensor) -> tuple:
     return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
 
 
-dsq_forward.register_autograd(_backward, setup_context=_setup_context)
-register_kernels(dsq_forward, "dsq_forward", dsq_forward_reference)
-register_kernels(dsq_backward, "dsq_backward", dsq_backward_reference)
+dsq_forward = define_op("dsq_forward", dsq_forward_reference, cpu=_dsq_forward_cpu)
+dsq_backward = define_op("dsq_backward", dsq_backward_reference, cpu=_dsq_backward_cpu)
+register_autograd(dsq_forward, _setup_context, _backward)
 
 
 def _dg_dc(g: Tensor, y: Tensor, c: Tensor) -> Tensor:

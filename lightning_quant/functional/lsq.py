@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_quant.functional._dispatch import register_kernels
+from lightning_quant.functional._dispatch import define_op, register_autograd
 
 
 def lsq_range(bits: int, narrow: bool = False) -> tuple[int, int]:
@@ -113,16 +113,6 @@ def lsq_backward_reference(
     return grad_w, (total * grad_scale).reshape(step.shape).to(step.dtype)
 
 
-@torch.library.custom_op("lightning_quant::lsq_forward", mutates_args=())
-def lsq_forward(w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> tuple[Tensor, Tensor]:
-    return lsq_forward_reference(w, step, qn, qp, grad_scale, min_step)
-
-
-@torch.library.custom_op("lightning_quant::lsq_backward", mutates_args=())
-def lsq_backward(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> tuple[Tensor, Tensor]:
-    return lsq_backward_reference(grad, v, step, qn, qp, grad_scale)
-
-
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     _, step, qn, qp, grad_scale, _ = inputs
     ctx.save_for_backward(output[1], step)
@@ -140,9 +130,9 @@ def _backward(ctx, grad: Tensor, _grad_v: Tensor | None) -> tuple:
     return (grad_w if need_w else None), (grad_step if need_step else None), None, None, None, None
 
 
-lsq_forward.register_autograd(_backward, setup_context=_setup_context)
-register_kernels(lsq_forward, "lsq_forward", lsq_forward_reference)
-register_kernels(lsq_backward, "lsq_backward", lsq_backward_reference)
+lsq_forward = define_op("lsq_forward", lsq_forward_reference)
+lsq_backward = define_op("lsq_backward", lsq_backward_reference)
+register_autograd(lsq_forward, _setup_context, _backward)
 
 
 def lsq_quantize(
@@ -222,20 +212,6 @@ def lsq_plus_backward_reference(
     return grad * inside.to(grad.dtype), grad_step, grad_offset
 
 
-@torch.library.custom_op("lightning_quant::lsq_plus_forward", mutates_args=())
-def lsq_plus_forward(
-    x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
-) -> tuple[Tensor, Tensor]:
-    return lsq_plus_forward_reference(x, step, offset, levels, grad_scale, min_step)
-
-
-@torch.library.custom_op("lightning_quant::lsq_plus_backward", mutates_args=())
-def lsq_plus_backward(
-    grad: Tensor, q: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    return lsq_plus_backward_reference(grad, q, step, offset, levels, grad_scale, min_step)
-
-
 def _plus_setup_context(ctx, inputs: tuple, output: tuple) -> None:
     _, step, offset, *ctx.args = inputs
     ctx.save_for_backward(output[1], step, offset)
@@ -251,9 +227,9 @@ def _plus_backward(ctx, grad: Tensor, _grad_q: Tensor | None) -> tuple:
     return (*(g if n else None for g, n in zip(grads, ctx.needs_input_grad)), None, None, None)
 
 
-lsq_plus_forward.register_autograd(_plus_backward, setup_context=_plus_setup_context)
-register_kernels(lsq_plus_forward, "lsq_plus_forward", lsq_plus_forward_reference)
-register_kernels(lsq_plus_backward, "lsq_plus_backward", lsq_plus_backward_reference)
+lsq_plus_forward = define_op("lsq_plus_forward", lsq_plus_forward_reference)
+lsq_plus_backward = define_op("lsq_plus_backward", lsq_plus_backward_reference)
+register_autograd(lsq_plus_forward, _plus_setup_context, _plus_backward)
 
 
 def lsq_plus_quantize(

@@ -49,6 +49,7 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
 
+_DTYPES = (torch.float32, torch.int8)
 _P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  # pointer, count, float, int
 _SIGNATURES = {
     "lq_pact_forward_f32": (None, [_P, _P, _P, _N, _F, _F, _F, _I]),
@@ -149,10 +150,8 @@ def build_error() -> str | None:
 def applies(*tensors: Tensor) -> ctypes.CDLL | None:
     """The library if these tensors can take the native kernels: every one is a non-empty contiguous CPU float32 (or
     int8 code) tensor, and the library loads. Else None."""
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int8) or not t.is_contiguous():
-            return None
-        if t.numel() == 0:
+    for t in tensors:  # cheap attribute reads first: this runs twice per quantizer call
+        if not t.is_cpu or t.dtype not in _DTYPES or not t.is_contiguous() or t.numel() == 0:
             return None
     return library()
 

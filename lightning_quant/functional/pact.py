@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_quant.functional import native
-from lightning_quant.functional._dispatch import register_kernels
+from lightning_quant.functional._dispatch import define_op, register_autograd
 
 
 def clip_and_scales(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -56,8 +56,7 @@ def pact_backward_reference(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]
     return grad * (code == 1).to(grad.dtype), terms.sum(dtype=torch.float64).to(acc)
 
 
-@torch.library.custom_op("lightning_quant::pact_forward", mutates_args=())
-def pact_forward(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tuple[Tensor, Tensor]:
+def _pact_forward_cpu(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tuple[Tensor, Tensor]:
     lib = native.applies(x, alpha)
     if lib is None or alpha.numel() != 1:
         return pact_forward_reference(x, alpha, levels, min_alpha)
@@ -71,8 +70,7 @@ def pact_forward(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tup
     return q, code
 
 
-@torch.library.custom_op("lightning_quant::pact_backward", mutates_args=())
-def pact_backward(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+def _pact_backward_cpu(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
     lib = native.applies(code) if grad.dtype == torch.float32 else None
     if lib is None:
         return pact_backward_reference(grad, code)
@@ -81,7 +79,7 @@ def pact_backward(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
     total = lib.lq_pact_backward_f32(
         grad.data_ptr(), code.data_ptr(), grad_x.data_ptr(), grad.numel(), native.threads()
     )
-    return grad_x, torch.tensor(native.to_float32(total))
+    return grad_x, torch.scalar_tensor(native.to_float32(total), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
@@ -101,9 +99,9 @@ def _backward(ctx, grad: Tensor, _grad_code: Tensor | None) -> tuple[Tensor | No
     return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None
 
 
-pact_forward.register_autograd(_backward, setup_context=_setup_context)
-register_kernels(pact_forward, "pact_forward", pact_forward_reference)
-register_kernels(pact_backward, "pact_backward", pact_backward_reference)
+pact_forward = define_op("pact_forward", pact_forward_reference, cpu=_pact_forward_cpu)
+pact_backward = define_op("pact_backward", pact_backward_reference, cpu=_pact_backward_cpu)
+register_autograd(pact_forward, _setup_context, _backward)
 
 
 def pact_quantize(x: Tensor, alpha: Tensor, bits: int, min_alpha: float = 0.0) -> Tensor:
