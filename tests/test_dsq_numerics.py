@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lightning_quant.functional import dsq
-from lightning_quant.functional.checks import check_bits
+from lightning_quant.functional.checks import check_bits, check_positive
 from lightning_quant.functional.dsq import (
     ALPHA_EPS,
     dsq_quantize,
@@ -52,7 +52,7 @@ def dsq_soft(
         ValueError: If ``bits`` is not an int in 1..16 or ``min_width`` is not a finite number > 0.
     """
     check_bits(bits, "bits")
-    dsq._check_min_width(min_width)
+    check_positive(min_width, "min_width")
     lo, up, al = dsq._as_tensor(lower, x), dsq._as_tensor(upper, x), dsq._as_tensor(alpha, x)
     dtype = dsq._compute_dtype(x.dtype, lo.dtype, up.dtype, al.dtype)
     xc, lo, up, al = x.to(dtype), lo.to(dtype), up.to(dtype), al.to(dtype)

@@ -3,7 +3,7 @@ above it, so they live here)."""
 
 from __future__ import annotations
 
-import torch
+import math
 
 
 def check_bits(bits: object, name: str, allow_none: bool = False) -> None:
@@ -25,7 +25,7 @@ def check_positive(value: object, name: str, allow_zero: bool = False) -> None:
     Raises:
         ValueError: If ``value`` is not allowed.
     """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and torch.isfinite(torch.tensor(value))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = value >= 0 if allow_zero else value > 0
     if not ok:

@@ -77,7 +77,7 @@ from torch import Tensor
 
 from lightning_quant.functional import native
 from lightning_quant.functional._dispatch import define_op, register_autograd
-from lightning_quant.functional.checks import check_bits
+from lightning_quant.functional.checks import check_bits, check_positive
 
 __all__ = [
     "ALPHA_EPS",
@@ -403,14 +403,8 @@ def dsq_quantize(
             not one of the values above.
     """
     check_bits(bits, "bits")
-    _check_min_width(min_width)
+    check_positive(min_width, "min_width")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"`activation` must be None, 'relu' or 'relu6', got {activation!r}.")
     lo, up, al = _as_tensor(lower, x), _as_tensor(upper, x), _as_tensor(alpha, x)
     return dsq_forward(x, lo, up, al, bits, float(min_width), _ACTIVATIONS[activation])
-
-
-def _check_min_width(min_width: object) -> None:
-    ok = isinstance(min_width, (int, float)) and not isinstance(min_width, bool)
-    if not ok or not math.isfinite(min_width) or min_width <= 0:
-        raise ValueError(f"`min_width` must be a finite number > 0, got {min_width!r}.")

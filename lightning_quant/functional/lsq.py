@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from lightning_quant.functional._dispatch import define_op, register_autograd
+from lightning_quant.functional.checks import check_bits, check_positive
 
 
 def lsq_range(bits: int, narrow: bool = False) -> tuple[int, int]:
@@ -167,8 +168,7 @@ def lsq_quantize(
     _check_step_shape(step, w)
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(max(w.numel() // step.numel(), 1) * qp)
-    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
-        raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
+    check_positive(grad_scale, "grad_scale")
     return lsq_forward(w, step, qn, qp, float(grad_scale), float(min_step))[0]
 
 
@@ -274,12 +274,9 @@ def lsq_plus_quantize(
     Raises:
         ValueError: If ``bits`` is not an int in 1..16 or ``grad_scale`` is not a finite positive number.
     """
-    from lightning_quant.functional.checks import check_bits
-
     check_bits(bits, "bits")
     levels = 2**bits - 1
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * levels)
-    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < math.inf:
-        raise ValueError(f"`grad_scale` must be a finite number > 0 or None, got {grad_scale!r}.")
+    check_positive(grad_scale, "grad_scale")
     return lsq_plus_forward(x, scale, offset, levels, float(grad_scale), float(min_step))[0]

@@ -19,6 +19,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+# Imported on the first CUDA call, after these modules: no import cycle.
+from lightning_quant.functional import dorefa, dsq, lsq, pact
+
 BLOCK = 1024
 _LAUNCH = {"BLOCK": BLOCK, "enable_fp_fusion": False}
 
@@ -77,10 +80,8 @@ def _pact_backward_kernel(g_ptr, code_ptr, gx_ptr, partial_ptr, n, BLOCK: tl.con
 
 @triton_op("lightning_quant::pact_forward_triton", mutates_args={})
 def pact_forward(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tuple[Tensor, Tensor]:
-    from lightning_quant.functional.pact import pact_forward_reference
-
     if not _fits(x, alpha) or alpha.numel() != 1:
-        return pact_forward_reference(x, alpha, levels, min_alpha)
+        return pact.pact_forward_reference(x, alpha, levels, min_alpha)
     q, code = torch.empty_like(x), torch.empty_like(x, dtype=torch.int8)
     launch = wrap_triton(_pact_forward_kernel)[_grid(x.numel())]
     launch(x, q, code, alpha, min_alpha, float(levels), x.numel(), **_LAUNCH)
@@ -89,11 +90,9 @@ def pact_forward(x: Tensor, alpha: Tensor, levels: int, min_alpha: float) -> tup
 
 @triton_op("lightning_quant::pact_backward_triton", mutates_args={})
 def pact_backward(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
-    from lightning_quant.functional.pact import pact_backward_reference
-
     grad = grad.contiguous()
     if not _fits(grad) or not code.is_contiguous():
-        return pact_backward_reference(grad, code)
+        return pact.pact_backward_reference(grad, code)
     grad_x = torch.empty_like(grad)
     partial = grad.new_empty(_grid(grad.numel()), dtype=torch.float64)
     wrap_triton(_pact_backward_kernel)[_grid(grad.numel())](grad, code, grad_x, partial, grad.numel(), **_LAUNCH)
@@ -140,10 +139,8 @@ def _dorefa_backward_kernel(g_ptr, t_ptr, params_ptr, gt_ptr, levels, n, BLOCK: 
 
 @triton_op("lightning_quant::dorefa_forward_triton", mutates_args={})
 def dorefa_forward(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
-    from lightning_quant.functional.dorefa import dorefa_forward_reference
-
     if not _fits(t):
-        return dorefa_forward_reference(t, levels)
+        return dorefa.dorefa_forward_reference(t, levels)
     m = t.abs().max()  # a reduction first (torch's), then one elementwise pass
     d = 2 * m.clamp_min(torch.finfo(t.dtype).tiny)
     out = torch.empty_like(t)
@@ -153,11 +150,9 @@ def dorefa_forward(t: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
 
 @triton_op("lightning_quant::dorefa_backward_triton", mutates_args={})
 def dorefa_backward(grad: Tensor, t: Tensor, m: Tensor, d: Tensor, levels: int) -> Tensor:
-    from lightning_quant.functional.dorefa import dorefa_backward_reference
-
     grad = grad.contiguous()
     if not _fits(grad, t):
-        return dorefa_backward_reference(grad, t, m, d, levels)
+        return dorefa.dorefa_backward_reference(grad, t, m, d, levels)
     n, blocks = t.numel(), _grid(t.numel())
     partial = t.new_empty(blocks, dtype=torch.float64)
     count = t.new_empty(blocks, dtype=torch.int32)
@@ -295,10 +290,8 @@ def _dsq_fits(x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor) -> bool:
 def dsq_forward(
     x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, bits: int, min_width: float, activation: int
 ) -> Tensor:
-    from lightning_quant.functional.dsq import dsq_forward_reference
-
     if not _dsq_fits(x, lower, upper, alpha):
-        return dsq_forward_reference(x, lower, upper, alpha, bits, min_width, activation)
+        return dsq.dsq_forward_reference(x, lower, upper, alpha, bits, min_width, activation)
     q = torch.empty_like(x)
     launch = wrap_triton(_dsq_forward_kernel)[_grid(x.numel())]
     launch(x, q, lower, upper, min_width, x.numel(), float(2**bits - 1), ACTIVATION=activation, **_LAUNCH)
@@ -318,12 +311,10 @@ def dsq_backward(
     need_lower: bool,
     need_alpha: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from lightning_quant.functional.dsq import dsq_backward_reference
-
     grad = grad.contiguous()
     if not _dsq_fits(x, lower, upper, alpha) or grad.shape != x.shape or grad.dtype != torch.float32:
         args = (bits, min_width, activation, need_lower, need_alpha)
-        return dsq_backward_reference(grad, x, lower, upper, alpha, *args)
+        return dsq.dsq_backward_reference(grad, x, lower, upper, alpha, *args)
     grad_x = torch.empty_like(x)
     blocks = _grid(x.numel())
     partial = x.new_empty((blocks[0], 3), dtype=torch.float64)
@@ -382,11 +373,9 @@ def _lsq_channels(w: Tensor, step: Tensor) -> int | None:
 
 @triton_op("lightning_quant::lsq_forward_triton", mutates_args={})
 def lsq_forward(w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, min_step: float) -> tuple[Tensor, Tensor]:
-    from lightning_quant.functional.lsq import lsq_forward_reference
-
     channels = _lsq_channels(w, step)
     if channels is None:
-        return lsq_forward_reference(w, step, qn, qp, grad_scale, min_step)
+        return lsq.lsq_forward_reference(w, step, qn, qp, grad_scale, min_step)
     s = step.clamp_min(min_step).contiguous()
     out, v = torch.empty_like(w), torch.empty_like(w)
     inner = w.numel() // channels
@@ -397,12 +386,10 @@ def lsq_forward(w: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float, mi
 
 @triton_op("lightning_quant::lsq_backward_triton", mutates_args={})
 def lsq_backward(grad: Tensor, v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> tuple[Tensor, Tensor]:
-    from lightning_quant.functional.lsq import lsq_backward_reference
-
     grad = grad.contiguous()
     channels = _lsq_channels(v, step)
     if channels is None or not _fits(grad):
-        return lsq_backward_reference(grad, v, step, qn, qp, grad_scale)
+        return lsq.lsq_backward_reference(grad, v, step, qn, qp, grad_scale)
     inner = v.numel() // channels
     grid = (channels, triton.cdiv(inner, BLOCK))
     grad_w = torch.empty_like(grad)
@@ -465,10 +452,8 @@ def _lsq_plus_backward_kernel(
 def lsq_plus_forward(
     x: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
 ) -> tuple[Tensor, Tensor]:
-    from lightning_quant.functional.lsq import lsq_plus_forward_reference
-
     if not _fits(x, step, offset) or step.numel() != 1 or offset.numel() != 1:
-        return lsq_plus_forward_reference(x, step, offset, levels, grad_scale, min_step)
+        return lsq.lsq_plus_forward_reference(x, step, offset, levels, grad_scale, min_step)
     out, q = torch.empty_like(x), torch.empty_like(x)
     launch = wrap_triton(_lsq_plus_forward_kernel)[_grid(x.numel())]
     launch(x, step, offset, out, q, min_step, float(levels), x.numel(), **_LAUNCH)
@@ -479,11 +464,9 @@ def lsq_plus_forward(
 def lsq_plus_backward(
     grad: Tensor, q: Tensor, step: Tensor, offset: Tensor, levels: int, grad_scale: float, min_step: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from lightning_quant.functional.lsq import lsq_plus_backward_reference
-
     grad = grad.contiguous()
     if not _fits(grad, q, step, offset) or step.numel() != 1 or offset.numel() != 1:
-        return lsq_plus_backward_reference(grad, q, step, offset, levels, grad_scale, min_step)
+        return lsq.lsq_plus_backward_reference(grad, q, step, offset, levels, grad_scale, min_step)
     grad_x = torch.empty_like(grad)
     blocks = _grid(q.numel())
     partial = q.new_empty((blocks[0], 2), dtype=torch.float64)
