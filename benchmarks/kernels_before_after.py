@@ -85,6 +85,18 @@ def quantizer_cases(x, g, w, gw) -> dict:
     return cases
 
 
+def per_call_cases(x, g) -> dict:
+    """The activation quantizers on a small tensor, where the fixed cost of a call (Python, dispatch) dominates."""
+    cases = {"ReLU, small": grad_step(lambda: torch.relu(x), [x], g)}
+    for tag, lib in (("base", base), ("new", new)):
+        pact = lib.quantizers.PACTActivation(4, alpha_init=2.5)
+        dsq = lib.quantizers.DSQActivation(4)
+        dsq.calibrate(x.detach(), 0)
+        cases[f"PACT A4, small [{tag}]"] = grad_step(lambda m=pact: m(x), [x, pact.alpha], g)
+        cases[f"DSQ A4, small [{tag}]"] = grad_step(lambda m=dsq: m(x), [x, dsq.upper], g)
+    return cases
+
+
 def training_step(lib, config, bx, by):
     """One DemoCNN step (forward, cross-entropy, backward, Adam) with ``lib``'s quantizers injected."""
     torch.manual_seed(0)
@@ -113,11 +125,22 @@ def _calibrate_once(module, args) -> None:
         module.calibrate(args[0], site)
 
 
+def reference_row(name: str) -> str:
+    """The row a case's ratio is taken against."""
+    if "step" in name:
+        return "float step"
+    if "small" in name:
+        return "ReLU, small"
+    return "ReLU on the weight" if "W4 [" in name or name == "ReLU on the weight" else "ReLU"
+
+
 def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 64, 32, 32, requires_grad=True)
     w = torch.nn.Parameter(torch.randn(256, 256, 3, 3) * 0.05)
     cases = quantizer_cases(x, torch.randn_like(x), w, torch.randn_like(w))
+    small = torch.randn(8, 32, 4, 4, requires_grad=True)  # 4,096 elements
+    cases.update(per_call_cases(small, torch.randn_like(small)))
     bx, by = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     cases["float step"] = training_step(new, None, bx, by)
     for tag, lib in (("base", base), ("new", new)):
@@ -139,8 +162,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.reps} repetitions")
     print("| row | median ms | x ref |\n|---|---|---|")
     for name in names:
-        ref = "float step" if "step" in name else "ReLU" if "A4" in name or name == "ReLU" else "ReLU on the weight"
-        print(f"| {name} | {medians[name]:.2f} | {medians[name] / medians[ref]:.2f} |")
+        ref = reference_row(name)
+        print(f"| {name} | {medians[name]:.3f} | {medians[name] / medians[ref]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -232,6 +232,25 @@ def test_ops_pass_opcheck(index: int) -> None:
     torch.library.opcheck(op, args)
 
 
+def test_autograd_kernel_builds_a_graph_only_when_a_gradient_is_wanted() -> None:
+    # The ops' own autograd kernel (functional/_dispatch.py): a node only where grad mode is on and an input
+    # requires grad; the gradient goes to exactly the inputs that asked for it; no graph under no_grad or
+    # inference_mode, with the same values.
+    x, alpha = torch.tensor([-1.0, 0.4, 0.8, 3.0]), torch.tensor([1.0])
+    expected, _ = pact_forward_reference(x, alpha, 3, 0.0)
+    a = alpha.clone().requires_grad_(True)
+    out = pact_forward(x, a, 3, 0.0)[0]
+    assert out.requires_grad and not x.requires_grad
+    out.sum().backward()
+    assert a.grad.tolist() == [1.0]  # only x = 3.0 sits at or above the clip
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            q, code = pact_forward(x.clone().requires_grad_(True), alpha.clone().requires_grad_(True), 3, 0.0)
+        assert q.grad_fn is None and not q.requires_grad
+        assert_same(q, expected)
+        assert code.tolist() == [0, 1, 1, 2]
+
+
 def test_missing_compiler_warns_once_and_falls_back(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIGHTNING_QUANT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
