@@ -25,6 +25,7 @@ variance; BRECQ-like, though not one block at a time) scored lower (-0.8 points 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_quant.batchnorm import batchnorms, reestimate_batchnorm
 from lightning_quant.calibration import get_clip_estimator
 from lightning_quant.calibrator import ActivationCalibrator, check_calibration_batches
 from lightning_quant.config import DSQConfig, PACTConfig, QuantConfig
@@ -142,7 +144,7 @@ def post_training_quantize(
     if teacher is not None:
         _check_forward(teacher, first, device, "teacher")
     calibration_set = batches.take(calibration_batches)  # a one-shot loader that runs dry is refused here
-    reestimate = batchnorm == "reestimate" and _has_batchnorm(model)
+    reestimate = batchnorm == "reestimate" and bool(batchnorms(model))
     if reestimate:
         for batch in calibration_set:
             _check_batchnorm_batch(batch)
@@ -388,19 +390,6 @@ def _teacher(model: nn.Module, calibration_set: list[Any], device: torch.device 
     return teacher.eval()
 
 
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers that keep running statistics (the only ones whose eval output depends on them)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-    ]
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return bool(_batchnorms(model))
-
-
 def _check_batchnorm_batch(batch: Any) -> None:
     """Refuse a one-sample batch before anything changes: BatchNorm can not estimate a variance from it."""
     x, _ = _model_input(batch)
@@ -411,33 +400,10 @@ def _check_batchnorm_batch(batch: Any) -> None:
         )
 
 
-@torch.no_grad()
 def _reestimate_batchnorm(model: nn.Module, batches: list[Any], device: torch.device | None) -> None:
-    """Replace every BatchNorm's running statistics by their average over ``batches``, as ``model`` computes now.
-
-    Each layer's statistics are reset and re-accumulated as an equal-weight average (``momentum=None``) over one
-    pass, BatchNorm in training mode (each batch normalised by its own statistics, so a layer sees its inputs as
-    they are with the layers before it re-estimated), every other module in eval mode (dropout off); each module's
-    training flag and each layer's momentum are restored after. Quantization shifts each layer's input mean and
-    variance away from what the float model was trained with; the trained statistics also lag the final weights
-    (a running average over the last training steps).
-    """
-    layers = _batchnorms(model)
-    modes = {m: m.training for m in model.modules()}
-    momenta = {m: m.momentum for m in layers}
-    try:
-        model.eval()
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: every batch counts the same
-            m.train()
-        for batch in batches:
-            _call(model, batch, device)
-    finally:
-        for m, momentum in momenta.items():
-            m.momentum = momentum
-        for m, mode in modes.items():
-            m.training = mode
+    """Every BatchNorm's running statistics re-estimated over ``batches`` (:func:`batchnorm.reestimate_batchnorm`):
+    quantization shifts each layer's input mean and variance away from what the float model was trained with."""
+    reestimate_batchnorm(model, [functools.partial(_call, model, batch, device) for batch in batches])
 
 
 def _float_tensors(output: Any) -> list[Tensor]:

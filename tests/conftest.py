@@ -124,6 +124,42 @@ class MLPNet(_Classifier):
         return DataLoader(toy_data(32, features=self.hparams.in_features, seed=1), batch_size=16)
 
 
+class BNNet(_Classifier):
+    """``body`` (Linear, BatchNorm1d, ReLU, Linear, BatchNorm1d, ReLU) then ``head`` (Linear), with dropout: the
+    BatchNorm model of the re-estimation tests.
+
+    Args:
+        split_calls: ``forward`` calls the body's layers one by one instead of ``body`` itself.
+    """
+
+    def __init__(self, split_calls: bool = False) -> None:
+        super().__init__()
+        self.split_calls = split_calls
+        self.body = nn.Sequential(
+            nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU()
+        )
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 3)
+        self.example_input_array = torch.randn(2, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split_calls:
+            for layer in self.body:
+                x = layer(x)
+        else:
+            x = self.body(x)
+        return self.head(self.dropout(x))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return DataLoader(toy_data(), batch_size=16, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(toy_data(32, seed=1), batch_size=16)
+
+
 def make_trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
     """A minimal CPU Trainer: no logger, no progress bar, no checkpoints unless asked."""
     defaults = dict(

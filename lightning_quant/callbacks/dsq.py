@@ -59,6 +59,9 @@ class DSQCallback(QuantizationCallback):
             (default True). False: only the ReLU/ReLU6 modules' outputs are quantized.
         freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
             updating) its running statistics; see :class:`QuantizationCallback`.
+        reestimate_bn: BatchNorm running statistics are re-estimated on the inputs of the last ``reestimate_bn``
+            training forwards (default 10; 0: off) before each validation and at each epoch's end; see
+            :class:`QuantizationCallback`.
         calibration: How each activation range's upper bound starts: ``"mse"`` (default, the MSE-optimal clip at
             the site's bit width), ``"percentile"`` or ``"max"``; see :class:`QuantizationCallback`.
         calibration_batches: Training batches the estimate is averaged over (default 1).
@@ -87,6 +90,7 @@ class DSQCallback(QuantizationCallback):
         schedule_by: str = "step",
         compile_quantizers: bool | str | None = None,
         freeze_bn_stats: float | None = None,
+        reestimate_bn: int = 10,
         calibration: str = "mse",
         calibration_batches: int = 1,
         quantize_inputs: bool = True,
@@ -119,6 +123,7 @@ class DSQCallback(QuantizationCallback):
             schedules={} if learn_temperature else {"temperature": schedule},
             compile_quantizers=compile_quantizers,
             freeze_bn_stats=freeze_bn_stats,
+            reestimate_bn=reestimate_bn,
             calibration=calibration,
             calibration_batches=calibration_batches,
         )

@@ -85,6 +85,9 @@ class PACTCallback(QuantizationCallback):
             (default True). False: only the ReLU/ReLU6 modules' outputs are quantized.
         freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
             updating) its running statistics; see :class:`QuantizationCallback`.
+        reestimate_bn: BatchNorm running statistics are re-estimated on the inputs of the last ``reestimate_bn``
+            training forwards (default 10; 0: off) before each validation and at each epoch's end; see
+            :class:`QuantizationCallback`.
         calibration: ``"percentile"`` (default: the 99.99th percentile of what the site sees), ``"mse"`` (the clip
             minimising the quantization error at ``act_bits``) or ``"max"``; see :class:`QuantizationCallback`.
             Measured (README "Accuracy", fine-tuning on MNIST-5k): at 2 bits the MSE-optimal clip cuts most large
@@ -118,6 +121,7 @@ class PACTCallback(QuantizationCallback):
         verbose: bool = True,
         compile_quantizers: bool | str | None = None,
         freeze_bn_stats: float | None = None,
+        reestimate_bn: int = 10,
         calibration: str = "percentile",
         calibration_batches: int = 1,
         quantize_inputs: bool = True,
@@ -144,6 +148,7 @@ class PACTCallback(QuantizationCallback):
             verbose=verbose,
             compile_quantizers=compile_quantizers,
             freeze_bn_stats=freeze_bn_stats,
+            reestimate_bn=reestimate_bn,
             calibration=calibration,
             calibration_batches=calibration_batches,
         )

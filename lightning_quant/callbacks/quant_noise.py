@@ -45,6 +45,9 @@ class QuantNoiseCallback(QuantizationCallback):
         compile_quantizers: Deprecated and ignored; see :class:`QuantizationCallback`.
         freeze_bn_stats: None (default) or the fraction of the run after which BatchNorm normalises with (and stops
             updating) its running statistics; see :class:`QuantizationCallback`.
+        reestimate_bn: BatchNorm running statistics are re-estimated on the inputs of the last ``reestimate_bn``
+            training forwards (default 10; 0: off) before each validation and at each epoch's end; see
+            :class:`QuantizationCallback`.
 
     Raises:
         ValueError: If an argument is out of range; at ``setup``, if ``block_size`` does not divide a layer's input
@@ -68,6 +71,7 @@ class QuantNoiseCallback(QuantizationCallback):
         schedule_by: str = "step",
         compile_quantizers: bool | str | None = None,
         freeze_bn_stats: float | None = None,
+        reestimate_bn: int = 10,
     ) -> None:
         config = QuantNoiseConfig(
             weight_bits=bits,
@@ -88,6 +92,7 @@ class QuantNoiseCallback(QuantizationCallback):
             schedules={"p": rate},
             compile_quantizers=compile_quantizers,
             freeze_bn_stats=freeze_bn_stats,
+            reestimate_bn=reestimate_bn,
         )
 
     @override
