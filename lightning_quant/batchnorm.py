@@ -79,7 +79,8 @@ def common_ancestor(model: nn.Module, modules: Iterable[nn.Module]) -> tuple[str
 
 
 class InputRecorder:
-    """Keeps the inputs of a module's last ``size`` training forwards (grad mode on, module in training mode).
+    """Keeps the inputs of a module's last ``size`` training forwards (grad mode on, module in training mode, its
+    class's own ``forward``).
 
     The inputs are kept as the forward got them, tensors detached (no copy, no autograd graph kept alive), and can
     be replayed with :meth:`forwards`. ``fresh`` counts the forwards recorded since :meth:`mark_used`.
@@ -96,7 +97,7 @@ class InputRecorder:
         self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if module.training and torch.is_grad_enabled():
+        if module.training and torch.is_grad_enabled() and not _forward_patched(module):
             self.records.append(tree_map(_detached, (args, kwargs)))
             self.fresh += 1
 
@@ -114,3 +115,11 @@ class InputRecorder:
 
 def _detached(value: Any) -> Any:
     return value.detach() if isinstance(value, Tensor) else value
+
+
+def _forward_patched(module: nn.Module) -> bool:
+    """Whether ``module.forward`` is not its class's own right now: under DDP, Lightning routes ``training_step(batch,
+    batch_idx)`` through a function set as the LightningModule's ``forward``, which puts the bound original back (an
+    instance attribute too) and runs the step, whose own ``self(x)`` is then the call to record."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and getattr(forward, "__func__", None) is not type(module).forward

@@ -24,16 +24,18 @@ from lightning_quant import DSQCallback, PACTCallback, QuantNoiseCallback, load_
 
 
 class Net(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, batchnorm: bool = False) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.fc1 = nn.Linear(8, 16)
+        self.bn1 = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
         self.relu1 = nn.ReLU()
         self.fc2 = nn.Linear(16, 16)
         self.relu2 = nn.ReLU()
         self.fc3 = nn.Linear(16, 3)
 
     def forward(self, x):
-        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.bn1(self.fc1(x))))))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -62,6 +64,8 @@ CALLBACKS = {
     "pact": lambda: PACTCallback(act_bits=3, weight_bits=3, first_last="quantize", alpha_lr=0.05),
     "dsq": lambda: DSQCallback(act_bits=2, weight_bits=2, first_last="quantize", quantizer_lr=0.05),
     "quant_noise": lambda: QuantNoiseCallback(bits=4, p=0.5),
+    # Each rank re-estimates BatchNorm on its own last 3 inputs at the end; the average must leave them identical.
+    "pact_bn": lambda: PACTCallback(act_bits=3, weight_bits=3, reestimate_bn=3),
 }
 
 
@@ -69,7 +73,7 @@ def main(strategy: str, out: Path, method: str = "pact") -> None:
     out.mkdir(parents=True, exist_ok=True)
     # A different seed per rank would make ranks start apart; DDP must still end them identical.
     L.seed_everything(0)
-    model = Net()
+    model = Net(batchnorm=method.endswith("_bn"))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

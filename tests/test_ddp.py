@@ -87,3 +87,11 @@ def test_ddp_quant_noise_stored_weights_identical(tmp_path):
     _run("ddp", tmp_path, "quant_noise")
     rank0, _ = _load_ranks(tmp_path)
     assert float(rank0["fc1.weight_quantizer.p"]) == 0.5
+
+
+@pytest.mark.slow
+def test_ddp_batchnorm_reestimated_identically_on_every_rank(tmp_path):
+    _run("ddp", tmp_path, "pact_bn")
+    rank0, _ = _load_ranks(tmp_path)  # running statistics included: re-estimated per rank, then averaged
+    # 3 re-estimation batches, where the running average of 8 training steps would count 8.
+    assert int(rank0["bn1.num_batches_tracked"]) == 3
