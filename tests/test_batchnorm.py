@@ -137,3 +137,21 @@ def test_warns_when_the_replayed_module_is_never_called(tmp_path) -> None:
 def test_reestimate_bn_must_be_a_non_negative_int(value) -> None:
     with pytest.raises(ValueError, match=rf"`reestimate_bn` must be an int >= 0 .*got {value!r}"):
         PACTCallback(4, 4, reestimate_bn=value)
+
+
+def test_mixed_precision_reestimates_under_autocast(tmp_path) -> None:
+    # The recorded forwards ran under bf16 autocast; the re-estimation runs as they did.
+    torch.manual_seed(0)
+    net = BNNet()
+    inputs: list[torch.Tensor] = []
+    net.body.register_forward_pre_hook(
+        lambda m, a: inputs.append(a[0].detach().clone()) if m.training and torch.is_grad_enabled() else None
+    )
+    callback = PACTCallback(4, 4, reestimate_bn=3, verbose=False)
+    make_trainer(tmp_path, [callback], max_epochs=1, precision="bf16-mixed").fit(net)
+    autocast, plain = copy.deepcopy(net), copy.deepcopy(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reestimate_batchnorm(autocast.body, [lambda x=x: autocast.body(x) for x in inputs[-3:]])
+    reestimate_batchnorm(plain.body, [lambda x=x: plain.body(x) for x in inputs[-3:]])
+    assert_same(net.body[1].running_var, autocast.body[1].running_var)
+    assert not torch.equal(net.body[1].running_var, plain.body[1].running_var)

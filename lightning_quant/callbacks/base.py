@@ -447,7 +447,8 @@ class QuantizationCallback(Callback):
                     " (its submodules are called one by one). Pass `reestimate_bn=0` to silence this."
                 )
             return
-        reestimate_batchnorm(recorder.module, recorder.forwards(), self._bn_training)
+        with trainer.precision_plugin.train_step_context():  # autocast as the recorded forwards ran (mixed precision)
+            reestimate_batchnorm(recorder.module, recorder.forwards(), self._bn_training)
         recorder.mark_used()
         if trainer.world_size > 1:
             for layer in self._bn_training:
