@@ -46,6 +46,9 @@ ROWS = {
     "dsq_w2a2_lsq_weights": lambda: [DSQCallback(2, 2, verbose=False)],  # run with DSQ's weights swapped for LSQ's
     "pact_w2a2_per_channel": lambda: [PACTCallback(2, 2, per_channel=True, verbose=False)],
     "pact_w2a2_freeze_bn_0.75": lambda: [PACTCallback(2, 2, freeze_bn_stats=0.75, verbose=False)],
+    # BatchNorm statistics as the running average of training left them (the default before `reestimate_bn`).
+    "pact_w2a2_no_bn_reestimate": lambda: [PACTCallback(2, 2, reestimate_bn=0, verbose=False)],
+    "dsq_w2a2_no_bn_reestimate": lambda: [DSQCallback(2, 2, reestimate_bn=0, verbose=False)],
 }
 
 
