@@ -63,6 +63,24 @@ def test_input_recorder_keeps_the_last_training_inputs_detached() -> None:
     assert len(recorder.records) == 0
 
 
+def test_input_recorder_skips_lightnings_forward_redirection() -> None:
+    # Under DDP, Lightning sets a function as the LightningModule's `forward` that takes (batch, batch_idx), puts the
+    # bound original back and runs training_step, which calls the real forward: only that call is an input.
+    net = BNNet()
+    recorder = InputRecorder(net, size=4)
+    original = net.forward
+    x = torch.randn(4, 8)
+
+    def redirected(batch, batch_idx):
+        net.forward = original
+        return net(batch[0])
+
+    net.forward = redirected
+    net((x, None), 0)
+    ((args, _),) = recorder.records  # one record: the inner call, with x
+    assert torch.equal(args[0], x)
+
+
 class _StatsAtValidation(L.Callback):
     """Copies the first BatchNorm's running mean at every validation start (listed after the quantization one)."""
 
