@@ -69,9 +69,17 @@ def _check_grid_bits(bits: object, signed: bool) -> None:
         raise ValueError(f"`bits` must be an int in 1..16 (2..16 when signed), got {bits!r}.")
 
 
-def _check_max_samples(max_samples: object) -> None:
+def check_max_samples(max_samples: object, allow_none: bool = False) -> None:
+    """Raise a ``ValueError`` unless ``max_samples`` is an int >= 1 (or None when allowed).
+
+    Raises:
+        ValueError: If ``max_samples`` is not allowed.
+    """
+    if max_samples is None and allow_none:
+        return
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-        raise ValueError(f"`max_samples` must be an int >= 1, got {max_samples!r}.")
+        allowed = "None or an int >= 1" if allow_none else "an int >= 1"
+        raise ValueError(f"`max_samples` must be {allowed}, got {max_samples!r}.")
 
 
 def _grid(bits: int, signed: bool, narrow: bool) -> tuple[int, int, int]:
@@ -86,7 +94,7 @@ def _grid(bits: int, signed: bool, narrow: bool) -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------------------------ data preparation
 
 
-def _sample_columns(n: int, budget: int, device: torch.device) -> Tensor | None:
+def sample_indices(n: int, budget: int, device: torch.device) -> Tensor | None:
     """A fixed-seed uniform sample of ``budget`` column indices out of ``n`` (None: keep all).
 
     Random indices, not a stride: a stride through an NCHW activation would pick the same few spatial positions.
@@ -106,7 +114,7 @@ def _rows(x: Tensor, axis: int | None, max_samples: int) -> Tensor:
     """
     x = x.detach()
     rows = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
-    idx = _sample_columns(rows.shape[1], max(max_samples // max(rows.shape[0], 1), 1), rows.device)
+    idx = sample_indices(rows.shape[1], max(max_samples // max(rows.shape[0], 1), 1), rows.device)
     rows = (rows if idx is None else rows[:, idx]).to(torch.float64)
     return torch.where(torch.isfinite(rows), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
@@ -250,7 +258,7 @@ def mse_clip(x: Tensor, bits: int, signed: bool = False, narrow: bool = False, m
         ValueError: If ``bits`` or ``max_samples`` is out of range.
     """
     _check_grid_bits(bits, signed)
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     return _mse_clip_rows(_rows(x, None, max_samples), bits, signed, narrow)[0]
 
 
@@ -283,7 +291,7 @@ def mse_clip_per_channel(
         ValueError: If ``bits``, ``axis`` or ``max_samples`` is out of range.
     """
     _check_grid_bits(bits, signed)
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     axis = _check_axis(x, axis)
     return _mse_clip_rows(_rows(x, axis, max_samples), bits, signed, narrow)
 
@@ -332,11 +340,11 @@ def percentile_clip(x: Tensor, q: float, signed: bool = False, max_samples: int 
     ok = isinstance(q, (int, float)) and not isinstance(q, bool) and math.isfinite(q)
     if not ok or not 0 < q <= 100:
         raise ValueError(f"`q` must be a number in (0, 100], got {q!r}.")
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     v = _magnitudes(x, signed)
     if v.numel() == 0:
         return v.new_full((), MIN_CLIP)
-    idx = _sample_columns(v.numel(), max_samples, v.device)
+    idx = sample_indices(v.numel(), max_samples, v.device)
     v = v if idx is None else v[idx]
     return torch.quantile(v, q / 100.0).clamp_min(MIN_CLIP)
 

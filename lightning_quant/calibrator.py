@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_quant.calibration import get_clip_estimator
+from lightning_quant.calibration import check_max_samples, get_clip_estimator, sample_indices
 from lightning_quant.quantizers.base import ActivationQuantizer
 
 
@@ -33,14 +33,6 @@ def check_calibration_batches(value: object, name: str = "calibration_batches") 
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1 (training batches the clips are estimated on), got {value!r}.")
     return value
-
-
-def _sample(x: Tensor, max_samples: int | None) -> Tensor:
-    """At most ``max_samples`` values of ``x`` (flattened), drawn uniformly with a fixed seed; ``x`` if it has fewer."""
-    if max_samples is None or x.numel() <= max_samples:
-        return x
-    idx = torch.randint(x.numel(), (max_samples,), generator=torch.Generator().manual_seed(0))
-    return x.reshape(-1)[idx.to(x.device)]
 
 
 def _mean_across_ranks(value: Tensor) -> Tensor:
@@ -80,10 +72,7 @@ class ActivationCalibrator:
         self.estimator = estimator
         self.num_batches = check_calibration_batches(num_batches)
         self.training_only = training_only
-        if max_samples is not None and (
-            isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-        ):
-            raise ValueError(f"`max_samples` must be None or an int >= 1, got {max_samples!r}.")
+        check_max_samples(max_samples, allow_none=True)
         self.max_samples = max_samples
         self._sums: dict[tuple[int, int], tuple[Tensor, int]] = {}
         self._pending: set[tuple[int, int]] = set()
@@ -117,7 +106,9 @@ class ActivationCalibrator:
         key = (id(module), site)
         if key not in self._pending:
             return
-        x = _sample(args[0].detach(), self.max_samples)
+        x = args[0].detach()
+        idx = None if self.max_samples is None else sample_indices(x.numel(), self.max_samples, x.device)
+        x = x if idx is None else x.reshape(-1)[idx]
         estimate = self._estimate(module, x, site).to(device=x.device, dtype=torch.float64)
         estimate = _mean_across_ranks(estimate)
         total, count = self._sums.get(key, (torch.zeros_like(estimate), 0))
